@@ -1,0 +1,1 @@
+"""jpe: Transformer positional encodings for JAX, and a lab for length extrapolation."""

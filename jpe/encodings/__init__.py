@@ -1,0 +1,1 @@
+"""Pure functions: encoding tables, rotations, attention biases and positions."""

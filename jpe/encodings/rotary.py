@@ -1,0 +1,661 @@
+"""Rotary position encodings: RoPE, its context-extension scalings, xPos and axial RoPE.
+
+RoPE (Su et al. 2021, arXiv 2104.09864) rotates each pair of query/key features by the angle
+`p * inv_freq[i]`, so that `q_m . k_n` depends only on `m - n`. Two layouts pair the features
+differently; both are supported everywhere:
+
+- `"half"`: feature i pairs with i + r/2 (GPT-NeoX, LLaMA, Hugging Face `rotate_half`);
+- `"interleaved"`: feature 2i pairs with 2i + 1 (GPT-J, RoFormer, torchscale).
+
+Exact angles. `p * inv_freq` in float32 loses the phase at large positions: float32's spacing at
+1e6 is 0.06 rad, and rounding `inv_freq` itself to float32 costs as much (a relative error of
+6e-8 times 1e6 rad). Here the frequencies stay float64 NumPy constants on the host and the angle
+is reduced exactly, in *turns* (cycles), without ever forming the large product:
+
+    p = b0 + 2^8 b1 + 2^16 b2 + 2^24 b3        (bytes of the int32 position; b3 signed)
+    p * f = sum_j b_j * g_j   (mod 1),   g_j = frac(f * 2^(8 j)) in [-1/2, 1/2)  (float64, host)
+
+with `f = inv_freq / 2pi`. On the device each `b_j * g_j` is a float32 product of magnitude at
+most 128, whose nearest integer is subtracted exactly; the four remainders are summed, reduced
+once more and multiplied by 2pi. Error bound, per part: rounding g_j to float32 costs at most
+255 * 2^-26 turns and the product's rounding at most 2^-18 turns, so with the final sum the phase
+error is below 3.1e-5 turns = 2.0e-4 rad for *every* int32 position (checked against float64 in
+the tests up to 2^30). Floating-point positions are split into an integer part (exact, as above)
+and a fraction whose product with `f` is small. When `inv_freq` is a traced array (for example a
+`jit` argument) the host constants cannot be formed, and the angle falls back to the plain
+float32 product `p * inv_freq`, which is exact only for small positions.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpe.encodings import _checks
+
+__all__ = [
+    "LAYOUTS",
+    "ROPE_TYPES",
+    "apply_axial_rope",
+    "apply_rope",
+    "apply_xpos",
+    "permute_rope_weights",
+    "rope_angles",
+    "rope_cos_sin",
+    "rope_frequencies",
+    "rope_permutation",
+    "xpos_scale",
+]
+
+LAYOUTS = ("half", "interleaved")
+ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3")
+
+# rope_type -> (required keys, optional keys), Hugging Face `rope_scaling` names. The pretrained
+# context length is always `original_max_position_embeddings`: there is no model config here.
+_SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "ntk": (("factor",), ()),
+    "dynamic": (("factor", "original_max_position_embeddings"), ()),
+    "yarn": (
+        ("factor", "original_max_position_embeddings"),
+        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    ),
+    "longrope": (
+        ("short_factor", "long_factor", "original_max_position_embeddings"),
+        ("factor", "attention_factor"),
+    ),
+    "llama3": (
+        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        (),
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Frequencies (host, float64)
+# --------------------------------------------------------------------------------------------
+
+
+def _default_inv_freq(rotary_dim: int, base: float) -> np.ndarray:
+    # RoFormer eq. (15): theta_i = base^(-2i/d), i = 0 .. d/2 - 1.
+    return 1.0 / base ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+
+
+def _parse_scaling(scaling: Mapping) -> tuple[str, dict]:
+    if not isinstance(scaling, Mapping):
+        raise ValueError(
+            f"scaling must be a mapping with a 'rope_type' key or None, got {scaling!r}"
+        )
+    params = dict(scaling)
+    rope_type = params.pop("rope_type", None)
+    legacy = params.pop("type", None)  # Hugging Face's older key name
+    if rope_type is None:
+        rope_type = legacy
+    elif legacy is not None and legacy != rope_type:
+        raise ValueError(f"scaling has rope_type={rope_type!r} but type={legacy!r}")
+    if rope_type is None:
+        raise ValueError("scaling is missing the key 'rope_type'")
+    _checks.one_of("scaling['rope_type']", rope_type, ROPE_TYPES)
+    required, optional = _SCALING_KEYS[rope_type]
+    missing = [k for k in required if k not in params]
+    if missing:
+        raise ValueError(
+            f"scaling for rope_type={rope_type!r} is missing the keys {missing}; "
+            f"required: {list(required)}, optional: {list(optional)}"
+        )
+    unknown = sorted(set(params) - set(required) - set(optional))
+    if unknown:
+        raise ValueError(
+            f"scaling for rope_type={rope_type!r} has unknown keys {unknown}; "
+            f"allowed: {['rope_type', *required, *optional]}"
+        )
+    return rope_type, params
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    # YaRN (arXiv 2309.00071) eq. (22): sqrt(1/t) = 0.1 ln(s) + 1.
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(rotary_dim: int, base: float, p: dict) -> tuple[np.ndarray, float]:
+    factor = _checks.positive_float("scaling['factor']", p["factor"])
+    original = _checks.positive_int(
+        "scaling['original_max_position_embeddings']", p["original_max_position_embeddings"]
+    )
+    beta_fast = _checks.positive_float("scaling['beta_fast']", p.get("beta_fast") or 32.0)
+    beta_slow = _checks.positive_float("scaling['beta_slow']", p.get("beta_slow") or 1.0)
+    truncate = p.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ValueError(f"scaling['truncate'] must be a bool, got {truncate!r}")
+
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+        if mscale and mscale_all_dim:  # DeepSeek-V2/V3 form, as in Hugging Face
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    attention_factor = _checks.positive_float("scaling['attention_factor']", attention_factor)
+
+    # The dimension index whose wavelength makes `num_rotations` turns over the original context
+    # (YaRN sec. 3.2, "NTK-by-parts"): d * ln(L / (2 pi r)) / (2 ln base).
+    def correction_dim(num_rotations: float) -> float:
+        return (rotary_dim * math.log(original / (num_rotations * 2 * math.pi))) / (
+            2 * math.log(base)
+        )
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # as Hugging Face: avoid a zero-width ramp
+    ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    extrapolation = 1.0 - ramp  # 1: keep the original frequency, 0: interpolate (divide)
+    inv_freq = _default_inv_freq(rotary_dim, base)
+    inv_freq = (inv_freq / factor) * (1.0 - extrapolation) + inv_freq * extrapolation
+    return inv_freq, attention_factor
+
+
+def _longrope(
+    rotary_dim: int, base: float, p: dict, seq_len: int | None
+) -> tuple[np.ndarray, float]:
+    original = _checks.positive_int(
+        "scaling['original_max_position_embeddings']", p["original_max_position_embeddings"]
+    )
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        if p.get("factor") is None:
+            raise ValueError(
+                "scaling for rope_type='longrope' needs 'factor' (max_position_embeddings / "
+                "original_max_position_embeddings) or 'attention_factor'"
+            )
+        factor = _checks.positive_float("scaling['factor']", p["factor"])
+        # LongRoPE (arXiv 2402.13753) as used by Phi-3: sqrt(1 + ln s / ln L).
+        attention_factor = (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        )
+    attention_factor = _checks.positive_float("scaling['attention_factor']", attention_factor)
+    key = "long_factor" if seq_len is not None and seq_len > original else "short_factor"
+    ext = np.asarray(p[key], dtype=np.float64)
+    if ext.shape != (rotary_dim // 2,) or not np.all(np.isfinite(ext) & (ext > 0)):
+        raise ValueError(
+            f"scaling[{key!r}] must hold rotary_dim // 2 = {rotary_dim // 2} positive numbers, "
+            f"got shape {ext.shape}"
+        )
+    return _default_inv_freq(rotary_dim, base) / ext, attention_factor
+
+
+def _llama3(rotary_dim: int, base: float, p: dict) -> np.ndarray:
+    factor = _checks.positive_float("scaling['factor']", p["factor"])
+    low = _checks.positive_float("scaling['low_freq_factor']", p["low_freq_factor"])
+    high = _checks.positive_float("scaling['high_freq_factor']", p["high_freq_factor"])
+    if not high > low:
+        raise ValueError(
+            f"scaling['high_freq_factor'] ({high}) must be > scaling['low_freq_factor'] ({low})"
+        )
+    original = _checks.positive_int(
+        "scaling['original_max_position_embeddings']", p["original_max_position_embeddings"]
+    )
+    inv_freq = _default_inv_freq(rotary_dim, base)
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen, high_freq_wavelen = original / low, original / high
+    # Long wavelengths are interpolated, short ones kept, and the band between is blended.
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return np.where(
+        wavelen > low_freq_wavelen,
+        inv_freq / factor,
+        np.where(wavelen < high_freq_wavelen, inv_freq, blended),
+    )
+
+
+def rope_frequencies(
+    rotary_dim: int,
+    *,
+    base: float = 10000.0,
+    scaling: Mapping | None = None,
+    seq_len: int | None = None,
+) -> tuple[np.ndarray, float]:
+    """RoPE inverse frequencies, with any common context-extension scaling.
+
+    The default is RoFormer's theta_i = base^(-2i/d), i = 0 .. d/2 - 1 (arXiv 2104.09864,
+    eq. 15). `scaling` is a mapping in Hugging Face transformers' `rope_scaling` form, and the
+    result equals its `ROPE_INIT_FUNCTIONS` (to float32 precision; Hugging Face computes in
+    float32, this in float64):
+
+    - `linear` (Position Interpolation, arXiv 2306.15595): theta_i / factor.
+    - `ntk` (NTK-aware, bloc97 2023): base' = base * factor^(d / (d - 2)).
+    - `dynamic` (dynamic NTK): as `ntk` with factor' = factor * L' / L - (factor - 1),
+      L' = max(seq_len, L), L = `original_max_position_embeddings`.
+    - `yarn` (arXiv 2309.00071): NTK-by-parts ramp between beta_fast (32) and beta_slow (1)
+      rotations over L, `truncate` (True) rounding its ends outwards; attention factor
+      0.1 ln(factor) + 1, or the DeepSeek form mscale(factor, mscale) /
+      mscale(factor, mscale_all_dim), or an explicit `attention_factor`.
+    - `longrope` (arXiv 2402.13753): theta_i / ext_i with `long_factor` when
+      seq_len > L and `short_factor` otherwise; attention factor sqrt(1 + ln(factor) / ln(L)).
+    - `llama3` (Llama 3.1): wavelengths above L / low_freq_factor divided by `factor`, below
+      L / high_freq_factor kept, blended linearly in 1/wavelength between.
+
+    Hugging Face reads the pretrained context from the model config; here it is always the key
+    `original_max_position_embeddings`. Where Hugging Face derives `factor` from
+    `max_position_embeddings / original_max_position_embeddings` (YaRN, LongRoPE), pass that
+    ratio as `factor`.
+
+    Args:
+      rotary_dim: number of rotated features r (even); `len(inv_freq) == r // 2`.
+      base: the RoPE base (theta), > 1.
+      scaling: None for plain RoPE, or a `rope_scaling` mapping (see above).
+      seq_len: the current sequence length, read by `dynamic` and `longrope` only. Static.
+
+    Returns:
+      `(inv_freq, attention_factor)`: a NumPy float64 array `[rotary_dim // 2]` (keep it a host
+      constant: `apply_rope` then computes exact angles) and a Python float by which
+      `apply_rope` scales cos and sin.
+
+    Raises:
+      ValueError: odd or non-positive `rotary_dim`, `base <= 1`, an unknown `rope_type`, missing,
+        unknown or invalid scaling keys, or a non-positive `seq_len`.
+
+    Example:
+      >>> inv_freq, attn = rope_frequencies(
+      ...     128, base=500000.0, scaling={"rope_type": "llama3", "factor": 8.0,
+      ...     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      ...     "original_max_position_embeddings": 8192})
+      >>> inv_freq.shape, attn
+      ((64,), 1.0)
+    """
+    rotary_dim = _checks.positive_int("rotary_dim", rotary_dim, minimum=2)
+    if rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
+    base = _checks.positive_float("base", base)
+    if base <= 1.0:
+        raise ValueError(f"base must be > 1, got {base}")
+    if seq_len is not None:
+        seq_len = _checks.positive_int("seq_len", seq_len)
+    if scaling is None:
+        return _default_inv_freq(rotary_dim, base), 1.0
+
+    rope_type, p = _parse_scaling(scaling)
+    if rope_type == "default":
+        return _default_inv_freq(rotary_dim, base), 1.0
+    if rope_type == "linear":
+        factor = _checks.positive_float("scaling['factor']", p["factor"])
+        return _default_inv_freq(rotary_dim, base) / factor, 1.0
+    if rope_type == "ntk":
+        factor = _checks.positive_float("scaling['factor']", p["factor"])
+        ntk_base = base * factor ** (rotary_dim / (rotary_dim - 2))
+        return _default_inv_freq(rotary_dim, ntk_base), 1.0
+    if rope_type == "dynamic":
+        factor = _checks.positive_float("scaling['factor']", p["factor"])
+        original = _checks.positive_int(
+            "scaling['original_max_position_embeddings']", p["original_max_position_embeddings"]
+        )
+        length = original if seq_len is None else max(seq_len, original)
+        alpha = factor * length / original - (factor - 1)
+        return _default_inv_freq(rotary_dim, base * alpha ** (rotary_dim / (rotary_dim - 2))), 1.0
+    if rope_type == "yarn":
+        return _yarn(rotary_dim, base, p)
+    if rope_type == "longrope":
+        return _longrope(rotary_dim, base, p, seq_len)
+    return _llama3(rotary_dim, base, p), 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Angles (device, float32, exact range reduction)
+# --------------------------------------------------------------------------------------------
+
+_BYTE = 8
+_NUM_BYTES = 4  # int32 positions
+
+
+def _host_inv_freq(inv_freq) -> np.ndarray | None:
+    """`inv_freq` as a float64 host array, or None when it is traced."""
+    if isinstance(inv_freq, jax.core.Tracer):
+        return None
+    return np.asarray(inv_freq, dtype=np.float64)
+
+
+def _check_inv_freq(inv_freq) -> None:
+    if jnp.ndim(inv_freq) != 1 or jnp.shape(inv_freq)[0] < 1:
+        raise ValueError(
+            f"inv_freq must have shape [rotary_dim // 2] with at least one entry, "
+            f"got shape {jnp.shape(inv_freq)}"
+        )
+
+
+def _centered_frac(x: np.ndarray) -> np.ndarray:
+    return x - np.round(x)
+
+
+def _exact_turns(positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
+    """`positions * inv_freq / 2pi` modulo 1, in [-1/2, 1/2], float32 `[..., L, n]`."""
+    turns_per_unit = inv_freq / (2 * np.pi)  # float64, host
+    shape = (1,) * positions.ndim + (-1,)
+
+    def part_turns(count: jnp.ndarray, per_unit: np.ndarray) -> jnp.ndarray:
+        # count * g with |g| <= 1/2 in float32; its nearest integer is removed exactly.
+        t = count.astype(jnp.float32)[..., None] * jnp.asarray(
+            per_unit.reshape(shape), dtype=jnp.float32
+        )
+        return t - jnp.round(t)
+
+    if jnp.issubdtype(positions.dtype, jnp.floating):
+        whole = jnp.floor(positions.astype(jnp.float32))
+        fraction = positions.astype(jnp.float32) - whole  # exact
+        total = part_turns(fraction, turns_per_unit)
+        ints = whole.astype(jnp.int32)
+    else:
+        total = jnp.zeros(positions.shape + (inv_freq.shape[0],), jnp.float32)
+        ints = positions.astype(jnp.int32)
+    for j in range(_NUM_BYTES):
+        shifted = ints >> (_BYTE * j)
+        count = shifted if j == _NUM_BYTES - 1 else shifted & 0xFF  # top byte keeps the sign
+        total = total + part_turns(count, _centered_frac(turns_per_unit * 2.0 ** (_BYTE * j)))
+    return total - jnp.round(total)
+
+
+def rope_angles(positions, inv_freq) -> jnp.ndarray:
+    """Rotation angles `positions * inv_freq`, reduced to [-pi, pi], float32 `[..., L, n]`.
+
+    With `inv_freq` a concrete (NumPy or JAX) array the reduction is exact to 2e-4 rad for every
+    int32 position (see the module docstring for the method and its bound). With a traced
+    `inv_freq` it is the plain float32 product.
+
+    Args:
+      positions: `[..., L]`, any integer dtype (int32 range), or floating point.
+      inv_freq: `[n]` angular frequencies, e.g. from `rope_frequencies`.
+
+    Returns:
+      float32 `[..., L, n]`.
+
+    Raises:
+      ValueError: `inv_freq` not one-dimensional, or `positions` neither integer nor floating.
+    """
+    _check_inv_freq(inv_freq)
+    positions = jnp.asarray(positions)
+    if not (
+        jnp.issubdtype(positions.dtype, jnp.integer)
+        or jnp.issubdtype(positions.dtype, jnp.floating)
+    ):
+        raise ValueError(f"positions must have an integer or floating dtype, got {positions.dtype}")
+    host = _host_inv_freq(inv_freq)
+    if host is None:
+        return positions.astype(jnp.float32)[..., None] * jnp.reshape(
+            inv_freq.astype(jnp.float32), (1,) * positions.ndim + (-1,)
+        )
+    return _exact_turns(positions, host) * jnp.float32(2 * np.pi)
+
+
+def rope_cos_sin(positions, inv_freq, *, attention_factor: float = 1.0):
+    """`(cos, sin)` of `rope_angles`, each scaled by `attention_factor`, float32 `[..., L, n]`."""
+    angles = rope_angles(positions, inv_freq)
+    return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
+
+
+# --------------------------------------------------------------------------------------------
+# Applying rotations
+# --------------------------------------------------------------------------------------------
+
+
+def _rotate(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, layout: str) -> jnp.ndarray:
+    """Rotates the first 2n features of `x` `[..., H, D]` by cos/sin `[..., 1, n]` (float32)."""
+    n = cos.shape[-1]
+    r = 2 * n
+    xr = x[..., :r].astype(jnp.float32)
+    if layout == "half":
+        x1, x2 = xr[..., :n], xr[..., n:]
+        rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    else:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        rotated = rotated.reshape(xr.shape)
+    passthrough = jnp.broadcast_to(x[..., r:], rotated.shape[:-1] + (x.shape[-1] - r,))
+    return jnp.concatenate([rotated.astype(x.dtype), passthrough], axis=-1)
+
+
+def _align(x: jnp.ndarray, positions: jnp.ndarray, npos_axes: int, rotary_dim: int):
+    """Checks shapes; returns the rank at which cos/sin `[..., L, 1, n]` meet `x`."""
+    _checks.min_rank("x", x, 3, "[..., L, H, D]")
+    if positions.ndim < npos_axes:
+        raise ValueError(f"positions must have shape [..., L], got shape {positions.shape}")
+    pos_shape = positions.shape[: positions.ndim - npos_axes + 1]
+    if pos_shape[-1] != x.shape[-3]:
+        raise ValueError(
+            f"positions has length {pos_shape[-1]} but x has length {x.shape[-3]} "
+            f"(x must be [..., L, H, D], positions [..., L])"
+        )
+    _checks.broadcastable(
+        ("x leading dims", "positions leading dims"), (x.shape[:-3], pos_shape[:-1])
+    )
+    if rotary_dim > x.shape[-1]:
+        raise ValueError(
+            f"rotary_dim (2 * len(inv_freq) = {rotary_dim}) must be <= the head dim "
+            f"x.shape[-1] = {x.shape[-1]}"
+        )
+    return max(x.ndim, len(pos_shape) + 2)
+
+
+def _to_rank(a: jnp.ndarray, rank: int) -> jnp.ndarray:
+    return a.reshape((1,) * (rank - a.ndim) + a.shape)
+
+
+def apply_rope(
+    x,
+    positions,
+    inv_freq,
+    *,
+    layout: str = "half",
+    attention_factor: float = 1.0,
+) -> jnp.ndarray:
+    """Rotates queries or keys by their positions (RoPE, Su et al. 2021, arXiv 2104.09864).
+
+    Each pair (x_a, x_b) with frequency theta_i turns by the angle t = p theta_i:
+    (x_a, x_b) -> (x_a cos t - x_b sin t, x_b cos t + x_a sin t),
+    so that `apply_rope(q, m) . apply_rope(k, n)` depends on m - n only (RoFormer eq. 16).
+
+    Args:
+      x: `[..., L, H, D]` queries or keys, any float dtype.
+      positions: `[..., L]` integer (or floating) positions; leading dims broadcast with x's.
+      inv_freq: `[n]` frequencies from `rope_frequencies` (NumPy float64 for exact angles); the
+        first `r = 2n` features rotate and the rest pass through unchanged.
+      layout: `"half"` (pairs i, i + n: GPT-NeoX, LLaMA) or `"interleaved"` (pairs 2i, 2i + 1:
+        GPT-J, RoFormer).
+      attention_factor: multiplies cos and sin (YaRN's and LongRoPE's temperature), as Hugging
+        Face does; it scales q and k alike.
+
+    Returns:
+      `x` rotated, `[..., L, H, D]` (broadcast leading dims), in `x.dtype`.
+
+    Raises:
+      ValueError: unknown `layout`, `2 * len(inv_freq) > D`, or mismatched shapes.
+    """
+    _checks.one_of("layout", layout, LAYOUTS)
+    _check_inv_freq(inv_freq)
+    x, positions = jnp.asarray(x), jnp.asarray(positions)
+    rank = _align(x, positions, 1, 2 * jnp.shape(inv_freq)[0])
+    cos, sin = rope_cos_sin(positions, inv_freq, attention_factor=attention_factor)
+    cos, sin = (_to_rank(t[..., None, :], rank) for t in (cos, sin))
+    return _rotate(_to_rank(x, rank), cos, sin, layout)
+
+
+def apply_axial_rope(x, positions, inv_freqs: Sequence, *, layout: str = "half") -> jnp.ndarray:
+    """Axial RoPE for grids (image patches, video): each axis rotates its own feature pairs.
+
+    Axis a's positions rotate the a-th section of the pairs with `inv_freqs[a]`, so the rotary
+    dim is `2 * sum(len(f) for f in inv_freqs)`; holding the other axes at 0 reduces it to 1-D
+    RoPE on that section. The 2-D case is the axial RoPE of Heo et al. 2024 (arXiv 2403.13298),
+    who use `rope_frequencies(D // 2, base=100.0)` for each of the two axes.
+
+    Args:
+      x: `[..., L, H, D]`.
+      positions: `[..., L, A]` integer coordinates of each token on A axes (e.g. row, column).
+      inv_freqs: A frequency arrays, one per axis.
+      layout: as in `apply_rope`.
+
+    Returns:
+      `x` rotated, in `x.dtype`.
+
+    Raises:
+      ValueError: as `apply_rope`, or when `positions.shape[-1] != len(inv_freqs)`.
+    """
+    _checks.one_of("layout", layout, LAYOUTS)
+    x, positions = jnp.asarray(x), jnp.asarray(positions)
+    if positions.ndim < 2 or positions.shape[-1] != len(inv_freqs) or not inv_freqs:
+        raise ValueError(
+            f"positions must have shape [..., L, A] with A = len(inv_freqs) = {len(inv_freqs)} "
+            f"(A >= 1), got shape {positions.shape}"
+        )
+    for f in inv_freqs:
+        _check_inv_freq(f)
+    rotary_dim = 2 * sum(jnp.shape(f)[0] for f in inv_freqs)
+    rank = _align(x, positions, 2, rotary_dim)
+    angles = jnp.concatenate(
+        [rope_angles(positions[..., a], f) for a, f in enumerate(inv_freqs)], axis=-1
+    )
+    cos, sin = (_to_rank(t[..., None, :], rank) for t in (jnp.cos(angles), jnp.sin(angles)))
+    return _rotate(_to_rank(x, rank), cos, sin, layout)
+
+
+# --------------------------------------------------------------------------------------------
+# xPos
+# --------------------------------------------------------------------------------------------
+
+
+def xpos_scale(positions, rotary_dim: int, *, scale_base: float = 512.0, gamma: float = 0.4):
+    """xPos per-pair scales zeta_i^(p / scale_base), float32 `[..., L, rotary_dim // 2]`.
+
+    zeta_i = (2i + gamma d) / ((1 + gamma) d), i = 0 .. d/2 - 1 (Sun et al. 2022,
+    arXiv 2212.10554, eq. 9; torchscale `XPOS` with gamma = 0.4). Computed as
+    exp(p ln(zeta_i) / scale_base): |p| / scale_base beyond about 88 / ln(1/zeta_0) (70 at
+    d = 128) over- or underflows float32, so shift long sequences' positions towards 0 (the
+    scores depend only on differences); torchscale centres them the same way.
+
+    Raises:
+      ValueError: odd or non-positive `rotary_dim`, non-positive `scale_base` or `gamma`.
+    """
+    rotary_dim = _checks.positive_int("rotary_dim", rotary_dim, minimum=2)
+    if rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
+    scale_base = _checks.positive_float("scale_base", scale_base)
+    gamma = _checks.positive_float("gamma", gamma)
+    positions = jnp.asarray(positions)
+    zeta = (np.arange(0, rotary_dim, 2, dtype=np.float64) + gamma * rotary_dim) / (
+        (1 + gamma) * rotary_dim
+    )
+    log_zeta = jnp.asarray((np.log(zeta) / scale_base).reshape((1,) * positions.ndim + (-1,)))
+    return jnp.exp(positions.astype(jnp.float32)[..., None] * log_zeta.astype(jnp.float32))
+
+
+def apply_xpos(
+    x,
+    positions,
+    inv_freq,
+    *,
+    is_key: bool,
+    scale_base: float = 512.0,
+    gamma: float = 0.4,
+    layout: str = "half",
+) -> jnp.ndarray:
+    """xPos (Sun et al. 2022, arXiv 2212.10554): RoPE times a per-pair exponential scale.
+
+    Queries are multiplied by zeta^(n / scale_base) and keys by zeta^(-m / scale_base), so each
+    pair's contribution to q_n . k_m gains zeta_i^((n - m) / scale_base): it decays with distance
+    and stays a function of n - m. The pair norms scale by exactly that factor.
+
+    Args:
+      x: `[..., L, H, D]` queries (`is_key=False`) or keys (`is_key=True`).
+      positions: `[..., L]`; see `xpos_scale` on centring long sequences.
+      inv_freq: `[n]`, as in `apply_rope`.
+      is_key: keys use the reciprocal scale.
+      scale_base, gamma: xPos's constants (512 and 0.4 in torchscale).
+      layout: as in `apply_rope` (torchscale uses `"interleaved"`).
+
+    Returns:
+      `x` scaled and rotated, in `x.dtype`.
+    """
+    _checks.one_of("layout", layout, LAYOUTS)
+    _check_inv_freq(inv_freq)
+    x, positions = jnp.asarray(x), jnp.asarray(positions)
+    rotary_dim = 2 * jnp.shape(inv_freq)[0]
+    rank = _align(x, positions, 1, rotary_dim)
+    scale = xpos_scale(
+        -positions if is_key else positions, rotary_dim, scale_base=scale_base, gamma=gamma
+    )
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    cos, sin = (_to_rank((t * scale)[..., None, :], rank) for t in (cos, sin))
+    return _rotate(_to_rank(x, rank), cos, sin, layout)
+
+
+# --------------------------------------------------------------------------------------------
+# Converting weights between layouts
+# --------------------------------------------------------------------------------------------
+
+
+def rope_permutation(head_dim: int, rotary_dim: int, *, source: str, target: str) -> np.ndarray:
+    """Feature permutation `perm` with `w_target = w_source[..., perm]` for one head.
+
+    Converting the q and k projections' output features with this permutation leaves every
+    attention logit unchanged: `half` feature i pairs with i + r/2 and `interleaved` feature 2i
+    with 2i + 1, and both rotate pair i by the same angle. Pass-through features keep their
+    places.
+
+    Raises:
+      ValueError: unknown layouts, odd `rotary_dim` or `rotary_dim > head_dim`.
+    """
+    _checks.one_of("source", source, LAYOUTS)
+    _checks.one_of("target", target, LAYOUTS)
+    head_dim = _checks.positive_int("head_dim", head_dim)
+    rotary_dim = _checks.positive_int("rotary_dim", rotary_dim, minimum=2)
+    if rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim must be even and <= head_dim ({head_dim}), got {rotary_dim}")
+    n = rotary_dim // 2
+    perm = np.arange(head_dim)
+    if source == target:
+        return perm
+    # interleaved slot 2i + k (k = 0, 1) holds half feature i + k n.
+    half_of_interleaved = (np.arange(rotary_dim) // 2) + (np.arange(rotary_dim) % 2) * n
+    if target == "interleaved":
+        perm[:rotary_dim] = half_of_interleaved
+    else:
+        perm[:rotary_dim] = np.argsort(half_of_interleaved)
+    return perm
+
+
+def permute_rope_weights(
+    w,
+    *,
+    head_dim: int,
+    rotary_dim: int | None = None,
+    source: str,
+    target: str,
+    axis: int = -1,
+):
+    """Converts q/k projection weights between the `half` and `interleaved` RoPE layouts.
+
+    `w`'s `axis` holds the output features, `num_heads * head_dim` of them (a kernel
+    `[d_model, H * D]`, a bias `[H * D]`, or `[..., D]` per head); each head's features are
+    permuted by `rope_permutation`. A pure gather: converting there and back is bit-exact.
+
+    Raises:
+      ValueError: `w.shape[axis]` not a multiple of `head_dim`, or as `rope_permutation`.
+    """
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    perm = rope_permutation(head_dim, rotary_dim, source=source, target=target)
+    w = jnp.asarray(w)
+    if not isinstance(axis, numbers.Integral) or not -w.ndim <= axis < w.ndim:
+        raise ValueError(f"axis must be an integer in [-{w.ndim}, {w.ndim}), got {axis!r}")
+    size = w.shape[axis]
+    if size % head_dim:
+        raise ValueError(
+            f"w.shape[{axis}] = {size} must be a multiple of head_dim = {head_dim} "
+            "(the projection's output features, num_heads * head_dim)"
+        )
+    full = (np.arange(size // head_dim)[:, None] * head_dim + perm[None, :]).reshape(-1)
+    return jnp.take(w, full, axis=axis)
