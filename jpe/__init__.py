@@ -3,6 +3,7 @@
 The pure functions live in `jpe.encodings` and are re-exported here.
 """
 
+from jpe.attention import attention
 from jpe.encodings.rotary import (
     apply_axial_rope,
     apply_rope,
@@ -17,6 +18,7 @@ from jpe.encodings.rotary import (
 
 __all__ = [
     "apply_axial_rope",
+    "attention",
     "apply_rope",
     "apply_xpos",
     "permute_rope_weights",

@@ -1,0 +1,212 @@
+"""Exact softmax attention over key blocks, asking the encoding for its bias one block at a time.
+
+The logits of a query block against a key block are `scale * q . k + bias_fn(q_pos, k_pos)`,
+masked (causal by position, same segment, valid key) and folded into a running softmax
+(Milakov & Gimelshein 2018, arXiv 1805.02867; the form FlashAttention uses, arXiv 2205.14135).
+Only `[B, H, bq, bk]` logits exist at any time, so memory is linear in the sequence length and
+no `[H, L, L]` bias is ever built. A row with no key to attend to (a padding query, say) gives
+zeros rather than NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpe.encodings import _checks
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "attention"]
+
+DEFAULT_BLOCK_SIZE = 512
+_MASKED = -1e30  # finite, so a fully masked row stays NaN-free
+
+BiasFn = Callable[..., jnp.ndarray]
+
+
+def _blocks(x: jnp.ndarray, block: int, fill) -> jnp.ndarray:
+    """`[B, L, ...]` -> `[n, B, block, ...]`, padding L up to a multiple of `block`."""
+    length = x.shape[1]
+    n = -(-length // block)
+    pad = n * block - length
+    if pad:
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (0, pad)
+        x = jnp.pad(x, widths, constant_values=fill)
+    x = x.reshape((x.shape[0], n, block) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _batched(name: str, x, batch: int, length: int, default) -> jnp.ndarray:
+    """`x` `[L]` or `[B, L]` (or None for `default`) as `[B, L]`."""
+    x = default if x is None else jnp.asarray(x)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != length or x.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must have shape [{length}] or [{batch}, {length}], got {x.shape}")
+    return jnp.broadcast_to(x, (batch, length))
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    bias_fn: BiasFn | None = None,
+    causal: bool = False,
+    q_positions=None,
+    k_positions=None,
+    segment_ids=None,
+    kv_mask=None,
+    block_size: int | None = None,
+    scale: float | None = None,
+    bias_takes_query: bool = False,
+    value_fn: Callable[..., jnp.ndarray] | None = None,
+) -> jnp.ndarray:
+    """Softmax attention computed over key blocks with an online softmax.
+
+    out_i = sum_j softmax_j(scale * q_i . k_j + bias(i, j) + mask(i, j)) (v_j + value terms).
+
+    Args:
+      q: `[B, Lq, H, D]` queries.
+      k, v: `[B, Lk, Hkv, D]` keys and values; `H` must be a multiple of `Hkv` (grouped-query
+        attention: query head h reads key/value head h // (H // Hkv)).
+      bias_fn: `bias_fn(q_positions, k_positions)` with `[B, bq]` and `[B, bk]` int blocks
+        returning a float bias `[B or 1, H or 1, bq, bk]` (or without the batch axis); with
+        `bias_takes_query=True` it is called as `bias_fn(q_positions, k_positions, q_block)`
+        with `q_block` `[B, bq, H, D]` (Shaw et al., Transformer-XL).
+      causal: mask keys whose position is greater than the query's.
+      q_positions: `[Lq]` or `[B, Lq]` int positions; default `arange(Lq) + Lk - Lq` (queries
+        are the last Lq of the keys, as in decoding).
+      k_positions: `[Lk]` or `[B, Lk]`; default `arange(Lk)`.
+      segment_ids: `[B, L]` int ids (queries and keys share them; needs Lq == Lk) or a pair
+        `(q_segment_ids, k_segment_ids)`: tokens attend only within their own segment, so packed
+        rows never mix. Give padding a segment of its own.
+      kv_mask: `[B, Lk]` bool, False for keys that must not be attended to (empty cache slots).
+      block_size: block length for queries and keys (default 512); L need not divide by it.
+      scale: logit scale, default `1 / sqrt(D)`; biases are added unscaled.
+      bias_takes_query: see `bias_fn`.
+      value_fn: optional `value_fn(weights, q_positions, k_positions)` with unnormalised weights
+        `[B, H, bq, bk]`, returning `[B, bq, H, D]` added to the weighted values (Shaw et al.'s
+        relative value embeddings). It must be linear in `weights`.
+
+    Returns:
+      `[B, Lq, H, D]` in `q.dtype`.
+
+    Raises:
+      ValueError: shapes that do not match, `H` not a multiple of `Hkv`, a bad `block_size`, or
+        `segment_ids` given as one array while Lq != Lk.
+    """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have shape [B, L, H, D], got {x.shape}")
+    batch, q_len, num_heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k and v must both have shape [B={batch}, Lk, Hkv, D={head_dim}], "
+            f"got k {k.shape} and v {v.shape}"
+        )
+    k_len, kv_heads = k.shape[1], k.shape[2]
+    if num_heads % kv_heads:
+        raise ValueError(
+            f"the number of query heads ({num_heads}) must be a multiple of the number of "
+            f"key/value heads ({kv_heads})"
+        )
+    groups = num_heads // kv_heads
+    block = _checks.positive_int(
+        "block_size", DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    )
+    scale = float(1.0 / np.sqrt(head_dim)) if scale is None else float(scale)
+
+    q_positions = _batched(
+        "q_positions", q_positions, batch, q_len, jnp.arange(q_len) + (k_len - q_len)
+    )
+    k_positions = _batched("k_positions", k_positions, batch, k_len, jnp.arange(k_len))
+    if segment_ids is None:
+        q_seg = jnp.zeros((batch, q_len), jnp.int32)
+        k_seg = jnp.zeros((batch, k_len), jnp.int32)
+    elif isinstance(segment_ids, tuple | list):
+        if len(segment_ids) != 2:
+            raise ValueError("segment_ids must be one [B, L] array or a pair (q_ids, k_ids)")
+        q_seg = _batched("segment_ids[0]", segment_ids[0], batch, q_len, None)
+        k_seg = _batched("segment_ids[1]", segment_ids[1], batch, k_len, None)
+    else:
+        if q_len != k_len:
+            raise ValueError(
+                f"segment_ids as one array needs Lq == Lk (got {q_len} and {k_len}); "
+                "pass a pair (q_segment_ids, k_segment_ids)"
+            )
+        q_seg = k_seg = _batched("segment_ids", segment_ids, batch, q_len, None)
+    kv_valid = (
+        jnp.ones((batch, k_len), bool)
+        if kv_mask is None
+        else _batched("kv_mask", kv_mask, batch, k_len, None).astype(bool)
+    )
+
+    bq, bk = min(block, q_len), min(block, k_len)
+    # [n, B, b, ...] blocks; padded keys are invalid, padded queries are dropped at the end.
+    q_blocks = _blocks(q, bq, 0)
+    qp_blocks, qs_blocks = _blocks(q_positions, bq, 0), _blocks(q_seg, bq, 0)
+    k_blocks, v_blocks = _blocks(k, bk, 0), _blocks(v, bk, 0)
+    kp_blocks, ks_blocks = _blocks(k_positions, bk, 0), _blocks(k_seg, bk, 0)
+    kvalid_blocks = _blocks(kv_valid, bk, False)
+
+    def logits_block(qb, qp, qs, kb, kp, ks, kvalid):
+        # qb [B, bq, H, D] -> [B, bq, Hkv, G, D]; logits [B, Hkv, G, bq, bk] -> [B, H, bq, bk]
+        qg = qb.reshape(batch, qb.shape[1], kv_heads, groups, head_dim)
+        s = jnp.einsum("bqkgd,bskd->bkgqs", qg, kb, preferred_element_type=jnp.float32)
+        s = s.reshape(batch, num_heads, qb.shape[1], kb.shape[1]) * scale
+        if bias_fn is not None:
+            bias = bias_fn(qp, kp, qb) if bias_takes_query else bias_fn(qp, kp)
+            bias = jnp.asarray(bias, jnp.float32)
+            if bias.ndim == 3:
+                bias = bias[None]
+            s = s + bias
+        mask = (qs[:, :, None] == ks[:, None, :]) & kvalid[:, None, :]
+        if causal:
+            mask = mask & (kp[:, None, :] <= qp[:, :, None])
+        return s, mask[:, None, :, :]
+
+    def query_block(qb, qp, qs):
+        def step(carry, kv):
+            m, denom, acc = carry  # [B, H, bq], [B, H, bq], [B, bq, H, D]
+            kb, vb, kp, ks, kvalid = kv
+            s, mask = logits_block(qb, qp, qs, kb, kp, ks, kvalid)
+            s = jnp.where(mask, s, _MASKED)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            correction = jnp.exp(m - m_new)
+            denom_new = denom * correction + p.sum(axis=-1)
+            pg = p.reshape(batch, kv_heads, groups, p.shape[2], p.shape[3])
+            pv = jnp.einsum(
+                "bkgqs,bskd->bqkgd", pg.astype(vb.dtype), vb, preferred_element_type=jnp.float32
+            ).reshape(batch, p.shape[2], num_heads, head_dim)
+            if value_fn is not None:
+                pv = pv + value_fn(p, qp, kp).astype(jnp.float32)
+            acc_new = acc * jnp.moveaxis(correction, 1, 2)[..., None] + pv
+            return (m_new, denom_new, acc_new), None
+
+        init = (
+            jnp.full((batch, num_heads, qb.shape[1]), _MASKED, jnp.float32),
+            jnp.zeros((batch, num_heads, qb.shape[1]), jnp.float32),
+            jnp.zeros((batch, qb.shape[1], num_heads, head_dim), jnp.float32),
+        )
+        kv = (k_blocks, v_blocks, kp_blocks, ks_blocks, kvalid_blocks)
+        if k_blocks.shape[0] == 1:
+            (_, denom, acc), _ = step(init, jax.tree.map(lambda t: t[0], kv))
+        else:
+            # Recompute each block's logits in the backward pass instead of storing them all.
+            (_, denom, acc), _ = jax.lax.scan(jax.checkpoint(step), init, kv)
+        denom = jnp.moveaxis(denom, 1, 2)[..., None]  # [B, bq, H, 1]
+        return jnp.where(denom > 0, acc / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+    if q_blocks.shape[0] == 1:
+        out = query_block(q_blocks[0], qp_blocks[0], qs_blocks[0])[None]
+    else:
+        out = jax.lax.map(lambda xs: query_block(*xs), (q_blocks, qp_blocks, qs_blocks))
+    # [nq, B, bq, H, D] -> [B, Lq, H, D]
+    out = jnp.moveaxis(out, 0, 1).reshape(batch, -1, num_heads, head_dim)[:, :q_len]
+    return out.astype(q.dtype)

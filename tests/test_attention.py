@@ -1,0 +1,236 @@
+"""Blocked attention against a dense float64 NumPy reference."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpe.attention import attention
+
+
+def dense_reference(
+    q,
+    k,
+    v,
+    *,
+    bias=None,
+    causal=False,
+    q_positions=None,
+    k_positions=None,
+    q_seg=None,
+    k_seg=None,
+    kv_mask=None,
+    value_table=None,
+):
+    """softmax(q.k / sqrt(D) + bias) v in float64, every mask spelled out; zeros for empty rows."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    g = h // hkv
+    k = np.repeat(k, g, axis=2)  # head h reads kv head h // g
+    v = np.repeat(v, g, axis=2)
+    qp = np.arange(lq) + lk - lq if q_positions is None else np.asarray(q_positions)
+    kp = np.arange(lk) if k_positions is None else np.asarray(k_positions)
+    qp, kp = np.broadcast_to(qp, (b, lq)), np.broadcast_to(kp, (b, lk))
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
+    if bias is not None:
+        s = s + np.broadcast_to(np.asarray(bias, np.float64), s.shape)
+    mask = np.ones((b, 1, lq, lk), bool)
+    if causal:
+        mask &= (kp[:, None, :] <= qp[:, :, None])[:, None]
+    if q_seg is not None:
+        mask &= (np.asarray(q_seg)[:, :, None] == np.asarray(k_seg)[:, None, :])[:, None]
+    if kv_mask is not None:
+        mask &= np.asarray(kv_mask)[:, None, None, :]
+    s = np.where(mask, s, -np.inf)
+    smax = np.max(s, axis=-1, keepdims=True)
+    w = np.where(mask, np.exp(s - np.where(np.isfinite(smax), smax, 0)), 0.0)
+    denom = w.sum(-1, keepdims=True)
+    w = np.where(denom > 0, w / np.where(denom > 0, denom, 1), 0)
+    out = np.einsum("bhqk,bkhd->bqhd", w, v)
+    if value_table is not None:
+        out = out + np.einsum("bhqk,bqkhd->bqhd", w, value_table)
+    return out
+
+
+def _qkv(seed, b, lq, lk, h, hkv, d, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (
+        jax.random.normal(kq, (b, lq, h, d), dtype),
+        jax.random.normal(kk, (b, lk, hkv, d), dtype),
+        jax.random.normal(kv, (b, lk, hkv, d), dtype),
+    )
+
+
+def _slopes(h):
+    return np.array([2.0 ** (-(i + 1)) for i in range(h)])
+
+
+def _alibi(qp, kp, slopes):
+    """A dense ALiBi bias written out here so this file tests attention alone."""
+    dist = np.abs(np.asarray(qp)[..., :, None] - np.asarray(kp)[..., None, :])
+    return -slopes[:, None, None] * dist[..., None, :, :]
+
+
+def _alibi_fn(slopes):
+    s = jnp.asarray(slopes, jnp.float32).reshape(-1, 1, 1)
+
+    def bias_fn(qp, kp):
+        dist = jnp.abs(qp[:, None, :, None] - kp[:, None, None, :]).astype(jnp.float32)
+        return -s[None] * dist
+
+    return bias_fn
+
+
+@pytest.mark.parametrize(
+    "block_size, causal, heads",
+    [
+        (4, True, (4, 4)),  # 13 = 3 * 4 + 1: a ragged last block
+        (5, False, (4, 2)),
+        (13, True, (4, 1)),  # one block: no scan
+        (64, False, (4, 4)),  # block larger than L
+        (3, False, (4, 1)),
+        (6, True, (4, 2)),
+    ],
+)
+def test_matches_dense(block_size, causal, heads):
+    h, hkv = heads
+    q, k, v = _qkv(0, 2, 13, 13, h, hkv, 8)
+    slopes = _slopes(h)
+    got = attention(q, k, v, causal=causal, block_size=block_size, bias_fn=_alibi_fn(slopes))
+    qp = kp = np.arange(13)
+    want = dense_reference(q, k, v, causal=causal, bias=_alibi(qp, kp, slopes)[None])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [3, 8, 32])
+def test_segments_positions_and_padding(block_size):
+    q, k, v = _qkv(1, 2, 11, 11, 2, 2, 4)
+    seg = np.array([[1] * 4 + [2] * 5 + [0] * 2, [0] * 3 + [1] * 8])
+    pos = np.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 0], [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]])
+    slopes = _slopes(2)
+    got = attention(
+        q,
+        k,
+        v,
+        causal=True,
+        segment_ids=seg,
+        q_positions=pos,
+        k_positions=pos,
+        block_size=block_size,
+        bias_fn=_alibi_fn(slopes),
+    )
+    want = dense_reference(
+        q,
+        k,
+        v,
+        causal=True,
+        q_positions=pos,
+        k_positions=pos,
+        q_seg=seg,
+        k_seg=seg,
+        bias=_alibi(pos, pos, slopes),
+    )
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_queries_default_to_the_last_positions():
+    q, k, v = _qkv(2, 1, 3, 10, 2, 1, 4)
+    got = attention(q, k, v, causal=True, block_size=4)
+    want = dense_reference(q, k, v, causal=True)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    # and it equals the last 3 rows of the full causal pass
+    qf = jnp.concatenate([jnp.zeros((1, 7, 2, 4)), q], axis=1)
+    full = attention(qf, k, v, causal=True, block_size=4)
+    np.testing.assert_allclose(full[:, 7:], got, atol=1e-6)
+
+
+def test_kv_mask_and_empty_rows_are_zero_not_nan():
+    q, k, v = _qkv(3, 2, 6, 6, 2, 2, 4)
+    kv_mask = np.array([[True] * 4 + [False] * 2, [False] * 6])
+    got = attention(q, k, v, kv_mask=kv_mask, block_size=4)
+    want = dense_reference(q, k, v, kv_mask=kv_mask)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert np.all(np.asarray(got[1]) == 0)
+    grads = jax.grad(lambda q: attention(q, k, v, kv_mask=kv_mask, block_size=4).sum())(q)
+    assert np.all(np.isfinite(grads))
+
+
+def test_query_dependent_bias_and_value_terms():
+    """Shaw-style terms: a bias that reads the query block, and relative value embeddings."""
+    b, length, h, d, kmax = 2, 9, 2, 4, 3
+    q, k, v = _qkv(4, b, length, length, h, h, d)
+    ka, va = jax.random.normal(jax.random.PRNGKey(9), (2, 2 * kmax + 1, d))
+
+    def rel(qp, kp):
+        return jnp.clip(kp[:, None, :] - qp[:, :, None], -kmax, kmax) + kmax  # [B, bq, bk]
+
+    def bias_fn(qp, kp, qb):
+        qa = jnp.einsum("bqhd,rd->bhqr", qb.astype(jnp.float32), ka)
+        idx = jnp.broadcast_to(rel(qp, kp)[:, None], qa.shape[:3] + (kp.shape[1],))
+        return jnp.take_along_axis(qa, idx, axis=-1)
+
+    def value_fn(w, qp, kp):
+        onehot = jax.nn.one_hot(rel(qp, kp), 2 * kmax + 1)  # [B, bq, bk, R]
+        return jnp.einsum("bhqk,bqkr,rd->bqhd", w, onehot, va)
+
+    got = attention(
+        q,
+        k,
+        v,
+        bias_fn=bias_fn,
+        bias_takes_query=True,
+        value_fn=value_fn,
+        block_size=4,
+        causal=True,
+    )
+    pos = np.arange(length)
+    idx = np.clip(pos[None, :] - pos[:, None], -kmax, kmax) + kmax  # [q, k]
+    qn = np.asarray(q, np.float64)
+    bias = np.einsum("bqhd,qkd->bhqk", qn, np.asarray(ka, np.float64)[idx])
+    vt = np.broadcast_to(
+        np.asarray(va, np.float64)[idx][None, :, :, None, :], (b, length, length, h, d)
+    )
+    want = dense_reference(q, k, v, bias=bias, causal=True, value_table=vt)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_in_bf16_out_and_jit():
+    q, k, v = _qkv(5, 1, 20, 20, 2, 2, 8, jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v: attention(q, k, v, causal=True, block_size=8))
+    got = fn(q, k, v)
+    assert got.dtype == jnp.bfloat16
+    want = dense_reference(q, k, v, causal=True)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2, rtol=3e-2)
+
+
+def test_gradients_match_dense():
+    q, k, v = _qkv(6, 1, 10, 10, 2, 2, 4)
+
+    def dense(q, k, v):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
+        s = jnp.where(jnp.tril(jnp.ones((10, 10), bool)), s, -jnp.inf)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+
+    blocked = lambda q, k, v: attention(q, k, v, causal=True, block_size=3)
+    g1 = jax.grad(lambda *a: (blocked(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    g2 = jax.grad(lambda *a: (dense(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    chex.assert_trees_all_close(g1, g2, atol=1e-4, rtol=1e-4)
+
+
+def test_errors():
+    q, k, v = _qkv(7, 1, 4, 4, 3, 2, 4)
+    with pytest.raises(ValueError, match="multiple"):
+        attention(q, k, v)
+    q, k, v = _qkv(7, 1, 4, 6, 2, 2, 4)
+    with pytest.raises(ValueError, match="segment_ids"):
+        attention(q, k, v, segment_ids=jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="block_size"):
+        attention(q, k, v, block_size=0)
+    with pytest.raises(ValueError, match="q_positions"):
+        attention(q, k, v, q_positions=jnp.arange(5))
+    with pytest.raises(ValueError, match=r"\[B, L, H, D\]"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="k and v"):
+        attention(q, k, v[:, :3])
