@@ -64,6 +64,7 @@ def attention(
     scale: float | None = None,
     bias_takes_query: bool = False,
     value_fn: Callable[..., jnp.ndarray] | None = None,
+    logits_fn: Callable[..., jnp.ndarray] | None = None,
 ) -> jnp.ndarray:
     """Softmax attention computed over key blocks with an online softmax.
 
@@ -91,6 +92,10 @@ def attention(
       value_fn: optional `value_fn(weights, q_positions, k_positions)` with unnormalised weights
         `[B, H, bq, bk]`, returning `[B, bq, H, D]` added to the weighted values (Shaw et al.'s
         relative value embeddings). It must be linear in `weights`.
+      logits_fn: optional `logits_fn(q, logits, mask)` with `q` `[B, bq, H, D]`, the scaled
+        and biased logits `[B, H, bq, Lk]` and the boolean mask `[B, 1, bq, Lk]`, returning a
+        term added to the logits. It sees whole rows, so all keys must fit in one block
+        (`block_size >= Lk`); CoPE needs it.
 
     Returns:
       `[B, Lq, H, D]` in `q.dtype`.
@@ -147,6 +152,10 @@ def attention(
     )
 
     bq, bk = min(block, q_len), min(block, k_len)
+    if logits_fn is not None and bk < k_len:
+        raise ValueError(
+            f"logits_fn needs every key in one block: block_size ({block}) must be >= Lk ({k_len})"
+        )
     # [n, B, b, ...] blocks; padded keys are invalid, padded queries are dropped at the end.
     q_blocks = _blocks(q, bq, 0)
     qp_blocks, qs_blocks = _blocks(q_positions, bq, 0), _blocks(q_seg, bq, 0)
@@ -168,7 +177,10 @@ def attention(
         mask = (qs[:, :, None] == ks[:, None, :]) & kvalid[:, None, :]
         if causal:
             mask = mask & (kp[:, None, :] <= qp[:, :, None])
-        return s, mask[:, None, :, :]
+        mask = mask[:, None, :, :]
+        if logits_fn is not None:
+            s = s + logits_fn(qb, s, mask).astype(jnp.float32)
+        return s, mask
 
     def query_block(qb, qp, qs):
         def step(carry, kv):

@@ -7,23 +7,12 @@ differently; both are supported everywhere:
 - `"half"`: feature i pairs with i + r/2 (GPT-NeoX, LLaMA, Hugging Face `rotate_half`);
 - `"interleaved"`: feature 2i pairs with 2i + 1 (GPT-J, RoFormer, torchscale).
 
-Exact angles. `p * inv_freq` in float32 loses the phase at large positions: float32's spacing at
-1e6 is 0.06 rad, and rounding `inv_freq` itself to float32 costs as much (a relative error of
-6e-8 times 1e6 rad). Here the frequencies stay float64 NumPy constants on the host and the angle
-is reduced exactly, in *turns* (cycles), without ever forming the large product:
-
-    p = b0 + 2^8 b1 + 2^16 b2 + 2^24 b3        (bytes of the int32 position; b3 signed)
-    p * f = sum_j b_j * g_j   (mod 1),   g_j = frac(f * 2^(8 j)) in [-1/2, 1/2)  (float64, host)
-
-with `f = inv_freq / 2pi`. On the device each `b_j * g_j` is a float32 product of magnitude at
-most 128, whose nearest integer is subtracted exactly; the four remainders are summed, reduced
-once more and multiplied by 2pi. Error bound, per part: rounding g_j to float32 costs at most
-255 * 2^-26 turns and the product's rounding at most 2^-18 turns, so with the final sum the phase
-error is below 3.1e-5 turns = 2.0e-4 rad for *every* int32 position (checked against float64 in
-the tests up to 2^30). Floating-point positions are split into an integer part (exact, as above)
-and a fraction whose product with `f` is small. When `inv_freq` is a traced array (for example a
-`jit` argument) the host constants cannot be formed, and the angle falls back to the plain
-float32 product `p * inv_freq`, which is exact only for small positions.
+Exact angles. `p * inv_freq` in float32 loses the phase at large positions (0.05 rad at 2^20).
+`rope_frequencies` returns float64 NumPy constants, and `apply_rope` reduces each angle exactly
+on the device from the bytes of the position (`jpe/encodings/_angles.py` gives the method and
+its bound): the phase error is under 3e-6 rad for every int32 position. When `inv_freq` is a
+traced array (for example a `jit` argument) the host constants cannot be formed, and the angle
+falls back to the plain float32 product, which is exact only for small positions.
 """
 
 from __future__ import annotations
@@ -36,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpe.encodings import _checks
+from jpe.encodings import _angles, _checks
 
 __all__ = [
     "LAYOUTS",
@@ -182,14 +171,19 @@ def _longrope(
             1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
         )
     attention_factor = _checks.positive_float("scaling['attention_factor']", attention_factor)
+    # Both lists are checked, not only the one this seq_len selects, so a bad config fails
+    # at once rather than when a sequence first grows past the original length.
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        ext = np.asarray(p[key], dtype=np.float64)
+        if ext.shape != (rotary_dim // 2,) or not np.all(np.isfinite(ext) & (ext > 0)):
+            raise ValueError(
+                f"scaling[{key!r}] must hold rotary_dim // 2 = {rotary_dim // 2} positive "
+                f"numbers, got shape {ext.shape}"
+            )
+        factors[key] = ext
     key = "long_factor" if seq_len is not None and seq_len > original else "short_factor"
-    ext = np.asarray(p[key], dtype=np.float64)
-    if ext.shape != (rotary_dim // 2,) or not np.all(np.isfinite(ext) & (ext > 0)):
-        raise ValueError(
-            f"scaling[{key!r}] must hold rotary_dim // 2 = {rotary_dim // 2} positive numbers, "
-            f"got shape {ext.shape}"
-        )
-    return _default_inv_freq(rotary_dim, base) / ext, attention_factor
+    return _default_inv_freq(rotary_dim, base) / factors[key], attention_factor
 
 
 def _llama3(rotary_dim: int, base: float, p: dict) -> np.ndarray:
@@ -311,9 +305,6 @@ def rope_frequencies(
 # Angles (device, float32, exact range reduction)
 # --------------------------------------------------------------------------------------------
 
-_BYTE = 8
-_NUM_BYTES = 4  # int32 positions
-
 
 def _host_inv_freq(inv_freq) -> np.ndarray | None:
     """`inv_freq` as a float64 host array, or None when it is traced."""
@@ -330,42 +321,11 @@ def _check_inv_freq(inv_freq) -> None:
         )
 
 
-def _centered_frac(x: np.ndarray) -> np.ndarray:
-    return x - np.round(x)
-
-
-def _exact_turns(positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
-    """`positions * inv_freq / 2pi` modulo 1, in [-1/2, 1/2], float32 `[..., L, n]`."""
-    turns_per_unit = inv_freq / (2 * np.pi)  # float64, host
-    shape = (1,) * positions.ndim + (-1,)
-
-    def part_turns(count: jnp.ndarray, per_unit: np.ndarray) -> jnp.ndarray:
-        # count * g with |g| <= 1/2 in float32; its nearest integer is removed exactly.
-        t = count.astype(jnp.float32)[..., None] * jnp.asarray(
-            per_unit.reshape(shape), dtype=jnp.float32
-        )
-        return t - jnp.round(t)
-
-    if jnp.issubdtype(positions.dtype, jnp.floating):
-        whole = jnp.floor(positions.astype(jnp.float32))
-        fraction = positions.astype(jnp.float32) - whole  # exact
-        total = part_turns(fraction, turns_per_unit)
-        ints = whole.astype(jnp.int32)
-    else:
-        total = jnp.zeros(positions.shape + (inv_freq.shape[0],), jnp.float32)
-        ints = positions.astype(jnp.int32)
-    for j in range(_NUM_BYTES):
-        shifted = ints >> (_BYTE * j)
-        count = shifted if j == _NUM_BYTES - 1 else shifted & 0xFF  # top byte keeps the sign
-        total = total + part_turns(count, _centered_frac(turns_per_unit * 2.0 ** (_BYTE * j)))
-    return total - jnp.round(total)
-
-
 def rope_angles(positions, inv_freq) -> jnp.ndarray:
     """Rotation angles `positions * inv_freq`, reduced to [-pi, pi], float32 `[..., L, n]`.
 
-    With `inv_freq` a concrete (NumPy or JAX) array the reduction is exact to 2e-4 rad for every
-    int32 position (see the module docstring for the method and its bound). With a traced
+    With `inv_freq` a concrete (NumPy or JAX) array the reduction is exact to 3e-6 rad for every
+    int32 position (`jpe/encodings/_angles.py` gives the method and its bound). With a traced
     `inv_freq` it is the plain float32 product.
 
     Args:
@@ -390,7 +350,7 @@ def rope_angles(positions, inv_freq) -> jnp.ndarray:
         return positions.astype(jnp.float32)[..., None] * jnp.reshape(
             inv_freq.astype(jnp.float32), (1,) * positions.ndim + (-1,)
         )
-    return _exact_turns(positions, host) * jnp.float32(2 * np.pi)
+    return _angles.angles(positions, host)
 
 
 def rope_cos_sin(positions, inv_freq, *, attention_factor: float = 1.0):
