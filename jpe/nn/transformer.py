@@ -1,0 +1,319 @@
+"""A pre-norm Transformer (encoder or decoder) whose positional encoding is one config field.
+
+Data flow, for tokens `[B, L]`:
+
+    token embedding * sqrt(d_model) -> encoding.embed (absolute encodings)
+    per block: x + attn(norm(x)), then x + mlp(norm(x)), where attn projects q, k, v
+      `[B, L, H, D]`, turns q and k with encoding.rotate, and runs `jpe.attention` with
+      encoding.bias as its per-block bias
+    norm -> head: logits `[B, L, vocab]` (or `[B, L, num_classes]`)
+
+The Transformer never asks which encoding it has; it calls the hooks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jpe.attention import attention
+from jpe.encodings import _checks
+from jpe.nn.config import TransformerConfig
+from jpe.nn.encodings import Encoding, pe_width
+from jpe.registry import encoding_class
+
+__all__ = ["Transformer", "generate", "init_cache"]
+
+
+def _dtype(config: TransformerConfig):
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        c = config
+        dense = lambda n_in, n_out: nnx.Linear(
+            n_in, n_out, use_bias=False, dtype=_dtype(c), param_dtype=jnp.float32, rngs=rngs
+        )
+        self.config = config
+        self.q = dense(c.d_model, c.num_heads * c.head_dim)
+        self.k = dense(c.d_model, c.kv_heads * c.head_dim)
+        self.v = dense(c.d_model, c.kv_heads * c.head_dim)
+        self.o = dense(c.num_heads * c.head_dim, c.d_model)
+
+    def __call__(self, x, encoding: Encoding, positions, segment_ids, cache=None, index=None):
+        c = self.config
+        batch, length, _ = x.shape
+        q = self.q(x).reshape(batch, length, c.num_heads, c.head_dim)
+        k = self.k(x).reshape(batch, length, c.kv_heads, c.head_dim)
+        v = self.v(x).reshape(batch, length, c.kv_heads, c.head_dim)
+        seq_len = length if cache is None else cache["k"].shape[1]
+        q = encoding.rotate(q, positions, is_key=False, seq_len=seq_len)
+        k = encoding.rotate(k, positions, is_key=True, seq_len=seq_len)
+        if cache is None:
+            k_positions, k_segments, kv_mask = positions, segment_ids, None
+            new_cache = None
+        else:
+            # Keys are stored already turned, so each is rotated once, at its own position.
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), index, 1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), index, 1
+            )
+            k_positions, k_segments, kv_mask = cache["positions"], cache["segments"], cache["valid"]
+            new_cache = {"k": k, "v": v}
+        keys = k.shape[1]
+        out = attention(
+            q,
+            k,
+            v,
+            bias_fn=encoding.bias if encoding.has_bias else None,
+            causal=c.causal,
+            q_positions=positions,
+            k_positions=k_positions,
+            segment_ids=(segment_ids, k_segments),
+            kv_mask=kv_mask,
+            block_size=max(keys, length) if encoding.dense else c.block_size,
+            bias_takes_query=encoding.bias_takes_query,
+            value_fn=encoding.value if encoding.has_value else None,
+            logits_fn=encoding.dense_bias if encoding.dense else None,
+        )
+        return self.o(out.reshape(batch, length, c.num_heads * c.head_dim)), new_cache
+
+
+class Block(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.norm1 = nnx.RMSNorm(c.d_model, dtype=_dtype(c), rngs=rngs)
+        self.attn = Attention(c, rngs=rngs)
+        self.norm2 = nnx.RMSNorm(c.d_model, dtype=_dtype(c), rngs=rngs)
+        hidden = c.mlp_ratio * c.d_model
+        self.up = nnx.Linear(c.d_model, hidden, dtype=_dtype(c), rngs=rngs)
+        self.down = nnx.Linear(hidden, c.d_model, dtype=_dtype(c), rngs=rngs)
+
+    def __call__(self, x, encoding, positions, segment_ids, cache=None, index=None):
+        h, new_cache = self.attn(self.norm1(x), encoding, positions, segment_ids, cache, index)
+        x = x + h
+        x = x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+        return x, new_cache
+
+
+class Transformer(nnx.Module):
+    """A Transformer encoder (`causal=False`) or decoder with any registered encoding.
+
+    Example:
+      >>> model = Transformer(TransformerConfig(pe="alibi", num_layers=2), rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 16), jnp.int32)).shape
+      (2, 16, 256)
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, TransformerConfig):
+            raise ValueError(f"config must be a jpe.TransformerConfig, got {type(config).__name__}")
+        c = self.config = config
+        self.encoding = encoding_class(c.pe)(c, rngs=rngs)
+        token_width = (
+            c.d_model - pe_width(c)
+            if self.encoding.absolute and c.pe_combine == "concat"
+            else c.d_model
+        )
+        self.embed = nnx.Embed(
+            c.vocab_size,
+            token_width,
+            embedding_init=nnx.initializers.normal(stddev=token_width**-0.5),
+            rngs=rngs,
+        )
+        self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+        self.norm = nnx.RMSNorm(c.d_model, dtype=_dtype(c), rngs=rngs)
+        self.head = nnx.Linear(c.d_model, c.num_classes or c.vocab_size, dtype=_dtype(c), rngs=rngs)
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def _inputs(self, tokens, positions, segment_ids):
+        tokens = _checks.integer_array("tokens", tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape [B, L], got {tokens.shape}")
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        positions = _checks.integer_array("positions", positions)
+        if positions.ndim == 1:
+            positions = positions[None, :]
+        if positions.shape[-1] != length or positions.shape[0] not in (1, batch):
+            raise ValueError(
+                f"positions must have shape [{batch}, {length}], got {positions.shape}"
+            )
+        positions = jnp.broadcast_to(positions, (batch, length)).astype(jnp.int32)
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        segment_ids = _checks.integer_array("segment_ids", segment_ids)
+        if segment_ids.shape != (batch, length):
+            raise ValueError(
+                f"segment_ids must have shape [{batch}, {length}], got {segment_ids.shape}"
+            )
+        self._check_max_len(positions)
+        return tokens, positions, segment_ids
+
+    def _check_max_len(self, positions):
+        """Learned tables hold max_len rows: a longer position is an error, never clamped."""
+        if self.config.pe != "learned":
+            return
+        max_len = self.config.max_len
+        if isinstance(positions, jax.core.Tracer):
+            # Values are unknown under jit; positions >= max_len read NaN rows (never a clamped
+            # row). The static length is checked where `positions` defaulted to arange.
+            return
+        high = int(jnp.max(positions))
+        if high >= max_len or int(jnp.min(positions)) < 0:
+            raise ValueError(
+                f"positions must be in [0, max_len) = [0, {max_len}) for pe='learned'; got a "
+                f"maximum of {high}. Raise TransformerConfig.max_len or use a relative encoding."
+            )
+
+    def _embed(self, tokens, positions):
+        c = self.config
+        x = self.embed(tokens).astype(_dtype(c)) * math.sqrt(c.d_model)
+        return self.encoding.embed(x, positions)
+
+    def _output(self, x):
+        return self.head(self.norm(x)).astype(jnp.float32)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        """Logits `[B, L, vocab]` (or `[B, L, num_classes]`), float32.
+
+        Args:
+          tokens: `[B, L]` integer token ids.
+          positions: `[B, L]` or `[L]` integer positions; default `arange(L)`. Packed rows,
+            left padding, decoding offsets and randomized positions are all just positions.
+          segment_ids: `[B, L]` ids; tokens attend only within their segment (packing), and
+            padding should get a segment of its own (0). Default: one segment.
+
+        Raises:
+          ValueError: bad shapes or dtypes; for `pe="learned"`, a position >= max_len (from
+            the static length when `positions` is None, from the values when they are
+            concrete).
+        """
+        if positions is None and self.config.pe == "learned":
+            length = jnp.shape(tokens)[-1]
+            if length > self.config.max_len:
+                raise ValueError(
+                    f"sequence length {length} exceeds max_len {self.config.max_len} of the "
+                    "learned position table"
+                )
+        tokens, positions, segment_ids = self._inputs(tokens, positions, segment_ids)
+        x = self._embed(tokens, positions)
+        for block in self.blocks:
+            x, _ = block(x, self.encoding, positions, segment_ids)
+        return self._output(x)
+
+    def decode(self, tokens, cache: dict, positions=None, segment_ids=None):
+        """Runs `tokens` `[B, T]` against a KV cache; returns `(logits [B, T, V], cache)`.
+
+        Prefill with T = the prompt length, then decode with T = 1. Positions default to the
+        cache's next position per row; segment ids to 1.
+        """
+        batch, length = jnp.shape(tokens)
+        if positions is None:
+            positions = cache["next_position"][:, None] + jnp.arange(length, dtype=jnp.int32)[None]
+        tokens, positions, segment_ids = self._inputs(tokens, positions, segment_ids)
+        index = cache["index"]
+        update = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), index, 1)
+        shared = {
+            "positions": update(cache["positions"], positions),
+            "segments": update(cache["segments"], segment_ids),
+            "valid": update(cache["valid"], jnp.ones((batch, length), bool)),
+        }
+        x = self._embed(tokens, positions)
+        layers = []
+        for block, layer in zip(self.blocks, cache["layers"], strict=True):
+            x, new_layer = block(
+                x, self.encoding, positions, segment_ids, {**layer, **shared}, index
+            )
+            layers.append(new_layer)
+        new_cache = {
+            **shared,
+            "layers": layers,
+            "index": index + length,
+            "next_position": positions[:, -1] + 1,
+        }
+        return self._output(x), new_cache
+
+
+def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens (a pytree of arrays)."""
+    batch = _checks.positive_int("batch", batch)
+    max_len = _checks.positive_int("max_len", max_len)
+    dtype = _dtype(config) if dtype is None else dtype
+    shape = (batch, max_len, config.kv_heads, config.head_dim)
+    return {
+        "layers": [
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(config.num_layers)
+        ],
+        "positions": jnp.zeros((batch, max_len), jnp.int32),
+        "segments": jnp.zeros((batch, max_len), jnp.int32),
+        "valid": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+        "next_position": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+def generate(
+    model: Transformer,
+    prompt,
+    num_tokens: int,
+    *,
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    prompt_mask=None,
+) -> jax.Array:
+    """Samples `num_tokens` tokens after `prompt` `[B, P]` with a KV cache; returns `[B, N]`.
+
+    `temperature == 0` is greedy; otherwise tokens are drawn from softmax(logits / temperature)
+    with `rng`. `prompt_mask` `[B, P]` marks real tokens of left-padded prompts (padding gets
+    segment 0 and no position). Each step is jitted once and reused.
+    """
+    if not model.config.causal:
+        raise ValueError("generate needs a decoder: TransformerConfig(causal=True)")
+    num_tokens = _checks.positive_int("num_tokens", num_tokens)
+    temperature = _checks.positive_float("temperature", temperature, allow_zero=True)
+    if temperature > 0 and rng is None:
+        raise ValueError("rng is required when temperature > 0")
+    prompt = _checks.integer_array("prompt", prompt)
+    batch, plen = prompt.shape
+    mask = jnp.ones((batch, plen), bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    segments = mask.astype(jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    def pick(logits, key):
+        if temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+    @jax.jit
+    def prefill(state, cache):
+        logits, cache = nnx.merge(graphdef, state).decode(prompt, cache, positions, segments)
+        return logits[:, -1], cache
+
+    @jax.jit
+    def step(state, cache, token):
+        logits, cache = nnx.merge(graphdef, state).decode(token[:, None], cache)
+        return logits[:, -1], cache
+
+    cache = init_cache(model.config, batch, plen + num_tokens)
+    logits, cache = prefill(state, cache)
+    keys = jax.random.split(rng if rng is not None else jax.random.PRNGKey(0), num_tokens)
+    out = []
+    for i in range(num_tokens):
+        token = pick(logits, keys[i])
+        out.append(token)
+        if i + 1 < num_tokens:
+            logits, cache = step(state, cache, token)
+    return jnp.stack(out, axis=1)
