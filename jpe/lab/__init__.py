@@ -1,0 +1,1 @@
+"""The lab: data, training step, checkpoints, sharding and evaluation for length extrapolation."""
