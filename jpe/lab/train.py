@@ -340,7 +340,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
 
     Writes `workdir/config.json`, `workdir/metrics.jsonl` (one JSON object a line: step, loss,
     learning rate, tokens/s), Orbax checkpoints under `workdir/checkpoints/`, and
-    `workdir/eval.json` (`{"pe", "train_len", "ppl": {length: ppl}, ...}`).
+    `workdir/eval.json` (`{"pe", "train_len", "ppl": {length: ppl}, ...}`). The returned
+    dict holds "start_step", "losses" (the metrics records of this call), "eval" (that
+    report) and "model" (the trained `Transformer`).
 
     Raises:
       ValueError: a workdir holding a run with another configuration, or bad data.
@@ -430,8 +432,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
             bar.close()
 
     lengths = cfg.eval_lengths or (cfg.seq_len,)
+    model = build(params)
     results = evaluate(
-        build(params),
+        model,
         corpus.val,
         lengths,
         stride=cfg.eval_stride,
@@ -441,7 +444,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
     if jax.process_index() == 0:
         (workdir / "eval.json").write_text(json.dumps(report, indent=1))
     manager.close()
-    return {"start_step": start, "losses": losses, "eval": report}
+    return {"start_step": start, "losses": losses, "eval": report, "model": model}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,10 +491,10 @@ def evaluate(
     """Validation perplexity at each length.
 
     Non-overlapping windows score every token once, with contexts from 0 to L - 1 (as Press et
-    al. evaluate); with `stride`, sliding windows score only tokens with at least L - stride
-    tokens of context. Also the mean loss at each position of the non-overlapping windows
-    (`loss_by_position`), which shows how much of a long window's gain is early tokens seeing
-    more context.
+    al. evaluate); with `stride`, sliding windows score only each window's last `stride`
+    targets, which have at least L - stride tokens of context (the first window included).
+    Also the mean loss at each position of the non-overlapping windows (`loss_by_position`),
+    which shows how much of a long window's gain is early tokens seeing more context.
 
     Returns:
       `{"ppl": {L: ppl}, "ppl_sliding": {L: ppl}, "loss_by_position": {L: [L floats]}}`, with
@@ -508,6 +511,9 @@ def evaluate(
         out["loss_by_position"][str(length)] = [round(float(x), 5) for x in by_pos]
         if stride is not None and stride < length:
             windows = data_lib.eval_windows(tokens, length, stride=stride, max_windows=max_windows)
+            # The first window scores all its targets; keep only its last `stride`, so that
+            # every scored target has at least L - stride tokens of context.
+            windows["weights"][0, : length - stride] = 0.0
             total, count, _ = _nll_sums(model, windows)
             out["ppl_sliding"][str(length)] = math.exp(total / count)
     return out

@@ -1,0 +1,151 @@
+"""The length-extrapolation lab end to end at a tiny size, its outputs, and its memory claim."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jpe
+from jpe.lab import extrapolate as lab_lib
+from jpe.registry import encoding_class
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_cli():
+    path = ROOT / "train" / "extrapolate.py"
+    spec = importlib.util.spec_from_file_location("jpe_train_extrapolate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_cli()
+
+TINY = ["--steps=3", "--train-len=16", "--eval-lengths=16,32,64", "--eval-windows=2",
+        "--d-model=32", "--num-layers=1", "--num-heads=2", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lab_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("lab")
+    argv = [*TINY, "--pe=alibi,rope,sinusoidal+randomized", "--rope-scaling=linear,yarn",
+            "--seeds=0,1", f"--workdir={workdir}"]  # fmt: skip
+    assert cli.main(argv) == 0
+    return workdir
+
+
+def test_results_json_has_every_line_and_length(lab_run):
+    results = json.loads((lab_run / "results.json").read_text())
+    expected = {"alibi", "rope", "rope+linear", "rope+yarn", "sinusoidal+randomized"}
+    assert set(results) == expected
+    for spec, by_length in results.items():
+        assert set(by_length) == {"16", "32", "64"}, spec
+        assert all(1.0 < v < 1e4 for v in by_length.values()), (spec, by_length)
+    # At factor 1 (the training length) a scaling changes nothing.
+    assert results["rope+linear"]["16"] == pytest.approx(results["rope"]["16"], rel=1e-6)
+    assert results["rope+linear"]["64"] != pytest.approx(results["rope"]["64"], rel=1e-6)
+
+
+def test_details_keep_seeds_modes_and_positions(lab_run):
+    details = json.loads((lab_run / "details.json").read_text())
+    alibi = details["runs"]["alibi"]
+    assert set(alibi) == {"0", "1"}
+    assert alibi["0"]["ppl"] != alibi["1"]["ppl"], "two seeds should give two runs"
+    assert set(alibi["0"]["ppl_sliding"]) == {"16", "32", "64"}
+    assert len(alibi["0"]["loss_by_position"]) == 64
+    results = json.loads((lab_run / "results.json").read_text())
+    mean = np.mean([alibi[s]["ppl"]["32"] for s in ("0", "1")])
+    assert results["alibi"]["32"] == pytest.approx(mean)
+    assert details["config"]["train_len"] == 16 and "cpu" in details["machine"]
+
+
+def test_markdown_and_figures(lab_run):
+    md = (lab_run / "results.md").read_text()
+    assert "| alibi |" in md and "| rope+yarn |" in md and "64 (4x)" in md
+    assert "sliding windows" in md and "non-overlapping" in md
+    for name in ("extrapolation.png", "position_loss.png"):
+        data = (lab_run / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+
+def test_running_again_resumes_instead_of_retraining(lab_run, capsys):
+    before = (lab_run / "runs" / "alibi-seed0" / "metrics.jsonl").read_text()
+    argv = [*TINY, "--pe=alibi", "--rope-scaling=", "--seeds=0", f"--workdir={lab_run}"]
+    assert cli.main(argv) == 0
+    assert (lab_run / "runs" / "alibi-seed0" / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--pe=alibi,nope"], "unknown encoding 'nope'"),
+        (["--pe=rope", "--rope-scaling=su"], "rope_scalings"),
+        (["--pe=rope", "--eval-lengths=4,16", "--stride=8"], "stride"),
+    ],
+)
+def test_bad_arguments(argv, message, tmp_path, capsys):
+    assert cli.main([*TINY, f"--workdir={tmp_path}", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_scaled_rope_config():
+    config = jpe.TransformerConfig(pe="rope")
+    yarn = lab_lib.scaled_rope_config(config, "yarn", 512, 64).scaling
+    assert yarn == {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}
+    dynamic = lab_lib.scaled_rope_config(config, "dynamic", 512, 64).scaling
+    assert dynamic["factor"] == 1.0
+    assert lab_lib.scaled_rope_config(config, "linear", 32, 64).scaling["factor"] == 1.0
+
+
+# --- memory: nothing quadratic at 32x the training length --------------------------------------
+
+
+def _quadratic_intermediates(jaxpr, length: int) -> list[tuple]:
+    """Shapes of arrays, made by any equation of `jaxpr` or its sub-jaxprs, that are
+    quadratic in `length`: two dimensions of at least `length`, or one of at least length^2/8."""
+    found = []
+
+    def visit(j):
+        for eqn in j.eqns:
+            for var in eqn.outvars:
+                shape = tuple(getattr(var.aval, "shape", ()))
+                if sum(d >= length for d in shape) >= 2 or any(
+                    d >= length * length // 8 for d in shape
+                ):
+                    found.append(shape)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        visit(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize(
+    "pe", [pe for pe in jpe.ENCODINGS if encoding_class(pe).has_bias or pe in ("rope", "none")]
+)
+def test_evaluation_at_32x_builds_nothing_quadratic(pe):
+    length, block = 32 * 64, 256
+    config = jpe.TransformerConfig(
+        pe=pe, d_model=32, num_heads=2, num_layers=1, max_len=length, block_size=block
+    )
+    model = jpe.Transformer(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    forward = lambda state, tokens: nnx.merge(graphdef, state)(tokens)  # noqa: E731
+    jaxpr = jax.make_jaxpr(forward)(state, jnp.zeros((1, length), jnp.int32))
+    quadratic = _quadratic_intermediates(jaxpr, length)
+    if encoding_class(pe).dense:  # CoPE: documented as dense; the check must see it
+        assert quadratic, pe
+    else:
+        assert not quadratic, f"{pe} builds {quadratic[:3]} at L={length}"
