@@ -244,3 +244,12 @@ def test_bad_data_files_are_named(content, message, tmp_path, capsys):
     rc = lm.main(["--config=smoke", f"--data={path}", f"--workdir={tmp_path / 'w'}"])
     err = capsys.readouterr().err
     assert rc == 2 and str(path) in err and message in err
+
+
+def test_stop_at_then_resume_gives_the_same_losses(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    first = train(_cfg(), tmp_path, progress=False, stop_at=4)
+    assert [r["step"] for r in first["losses"]] == [1, 2, 3, 4]
+    second = train(_cfg(), tmp_path, progress=False)
+    assert second["start_step"] == 4
+    np.testing.assert_allclose(_losses(tmp_path), _losses(ref_dir), rtol=1e-6)

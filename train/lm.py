@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
         type=_ints,
         help="comma-separated lengths (default: 1x, 2x and 4x --seq-len)",
     )
-    p.add_argument("--eval-stride", type=int, help="also sliding windows with this stride")
+    p.add_argument("--eval-stride", type=int, help="sliding-window stride (default --seq-len / 4)")
     p.add_argument("--eval-windows", type=int, help="windows per evaluation length")
     p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 4x2 (default: all on data)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute")
@@ -124,6 +124,7 @@ def build_config(args: argparse.Namespace):
     model["pe"] = settings.pop("pe")
     seq_len = settings.get("seq_len", TrainConfig.seq_len)
     settings.setdefault("eval_lengths", (seq_len, 2 * seq_len, 4 * seq_len))
+    settings.setdefault("eval_stride", max(1, seq_len // 4))
     if model["pe"] == "learned":
         model.setdefault("max_len", max(settings["eval_lengths"]))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -152,11 +153,13 @@ def main(argv=None) -> int:
         print(f"resumed from step {result['start_step']}")
     report = result["eval"]
     print(f"\nvalidation perplexity, pe={report['pe']}, trained at length {report['train_len']}")
-    header = f"{'length':>8} {'ppl':>8}" + (" sliding" if "ppl_sliding" in report else "")
-    print(header)
+    sliding = report.get("ppl_sliding", {})
+    print(f"{'length':>8} {'non-overlapping':>16} {'sliding':>9}")
     for length, ppl in report["ppl"].items():
-        sliding = report.get("ppl_sliding", {}).get(length)
-        print(f"{length:>8} {ppl:>8.3f}" + (f" {sliding:>7.3f}" if sliding else ""))
+        cell = f"{sliding[length]:>9.3f}" if length in sliding else f"{'-':>9}"
+        print(f"{length:>8} {ppl:>16.3f} {cell}")
+    if sliding:
+        print(f"(sliding windows score each window's last {report['stride']} tokens)")
     print(f"\nwrote {workdir / 'metrics.jsonl'} and {workdir / 'eval.json'}")
     return 0
 

@@ -335,7 +335,13 @@ def init_training(cfg: TrainConfig, mesh: jax.sharding.Mesh, batch_keys: Sequenc
     return Training(build, params, opt_state, jit_step, batch_shardings)
 
 
-def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig,
+    workdir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> dict:
     """Trains (or resumes) a run in `workdir`; returns the final metrics and evaluation.
 
     Writes `workdir/config.json`, `workdir/metrics.jsonl` (one JSON object a line: step, loss,
@@ -343,6 +349,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
     `workdir/eval.json` (`{"pe", "train_len", "ppl": {length: ppl}, ...}`). The returned
     dict holds "start_step", "losses" (the metrics records of this call), "eval" (that
     report) and "model" (the trained `Transformer`).
+
+    `stop_at` ends this call after that step (checkpointed), as a preemption would; calling
+    again resumes there. The evaluation runs either way.
 
     Raises:
       ValueError: a workdir holding a run with another configuration, or bad data.
@@ -381,6 +390,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
         batches.restore(meta["data"])
     metrics_path = workdir / "metrics.jsonl"
     _truncate_metrics(metrics_path, start)
+    end = cfg.steps
+    if stop_at is not None:
+        end = min(cfg.steps, max(start, _checks.positive_int("stop_at", stop_at)))
 
     schedule_lr = lambda s: float(
         optax.warmup_cosine_decay_schedule(
@@ -394,14 +406,14 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
     losses = []
     try:
         with open(metrics_path, "a") as metrics:
-            for step in range(start, cfg.steps):
+            for step in range(start, end):
                 batch = jax.device_put(batches.batch(step), batch_shardings)
                 params, opt_state, loss = jit_step(params, opt_state, batch, np.int32(step))
                 done = step + 1
                 if (
                     done % cfg.log_every == 0
                     or done % cfg.checkpoint_every == 0
-                    or done == cfg.steps
+                    or done == end
                 ):
                     loss_value = float(loss)
                     if not math.isfinite(loss_value):
@@ -422,7 +434,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
                         metrics.flush()
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                if done % cfg.checkpoint_every == 0 or done == end:
                     _save(manager, done, params, opt_state, batches.state(done))
                 if bar is not None:
                     bar.update(1)
