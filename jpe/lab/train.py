@@ -113,6 +113,12 @@ class TrainConfig:
                 )
             if self.pack:
                 raise ValueError("random_positions and pack cannot be combined")
+            if self.random_positions < max(self.eval_lengths, default=0):
+                raise ValueError(
+                    f"random_positions ({self.random_positions}) must be >= every eval length "
+                    f"(up to {max(self.eval_lengths)}): a randomized model is evaluated with "
+                    "positions sampled from the same range"
+                )
         if self.model.pe == "learned":
             longest = max((self.seq_len, *self.eval_lengths, self.random_positions or 0))
             if longest > self.model.max_len:
@@ -410,11 +416,7 @@ def train(
                 batch = jax.device_put(batches.batch(step), batch_shardings)
                 params, opt_state, loss = jit_step(params, opt_state, batch, np.int32(step))
                 done = step + 1
-                if (
-                    done % cfg.log_every == 0
-                    or done % cfg.checkpoint_every == 0
-                    or done == end
-                ):
+                if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end:
                     loss_value = float(loss)
                     if not math.isfinite(loss_value):
                         manager.wait_until_finished()
@@ -451,6 +453,7 @@ def train(
         lengths,
         stride=cfg.eval_stride,
         max_windows=cfg.eval_windows,
+        random_positions=cfg.random_positions,
     )
     report = {"pe": cfg.model.pe, "train_len": cfg.seq_len, **results}
     if jax.process_index() == 0:
@@ -466,16 +469,24 @@ def train(
 _EVAL_TOKENS = 1 << 14  # tokens per evaluation batch
 
 
-def _nll_sums(model: Transformer, windows: dict) -> tuple[float, float, np.ndarray]:
-    """Summed NLL and weight over `windows`, and the mean NLL at each position `[L]`."""
+def _nll_sums(
+    model: Transformer, windows: dict, random_positions: int | None = None, seed: int = 0
+) -> tuple[float, float, np.ndarray]:
+    """Summed NLL and weight over `windows`, and the mean NLL at each position `[L]`.
+
+    With `random_positions` = R, each window's positions are a sorted sample from [0, R), as
+    the model was trained (Ruoss et al. 2023 sample them at test time too)."""
     build, params = flatten_model(model)
     inputs, targets, weights = windows["inputs"], windows["targets"], windows["weights"]
     n, length = inputs.shape
     per_batch = max(1, _EVAL_TOKENS // length)
 
     @jax.jit
-    def nll(params, inputs, targets):
-        logits = build(params)(inputs)
+    def nll(params, inputs, targets, key):
+        positions = None
+        if random_positions is not None:
+            positions = randomized_positions(key, inputs.shape, random_positions)
+        logits = build(params)(inputs, positions=positions)
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
@@ -483,7 +494,8 @@ def _nll_sums(model: Transformer, windows: dict) -> tuple[float, float, np.ndarr
     by_position, position_count = np.zeros(length), np.zeros(length)
     for i in range(0, n, per_batch):
         sl = slice(i, i + per_batch)
-        out = np.asarray(nll(params, inputs[sl], targets[sl]), np.float64)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+        out = np.asarray(nll(params, inputs[sl], targets[sl], key), np.float64)
         w = np.asarray(weights[sl], np.float64)
         total += float((out * w).sum())
         count += float(w.sum())
@@ -499,6 +511,7 @@ def evaluate(
     *,
     stride: int | None = None,
     max_windows: int = 64,
+    random_positions: int | None = None,
 ) -> dict:
     """Validation perplexity at each length.
 
@@ -506,7 +519,9 @@ def evaluate(
     al. evaluate); with `stride`, sliding windows score only each window's last `stride`
     targets, which have at least L - stride tokens of context (the first window included).
     Also the mean loss at each position of the non-overlapping windows (`loss_by_position`),
-    which shows how much of a long window's gain is early tokens seeing more context.
+    which shows how much of a long window's gain is early tokens seeing more context. A model
+    trained with randomized positions is evaluated with them (`random_positions`, R >= every
+    length).
 
     Returns:
       `{"ppl": {L: ppl}, "ppl_sliding": {L: ppl}, "loss_by_position": {L: [L floats]}}`, with
@@ -518,7 +533,7 @@ def evaluate(
         out["stride"] = stride
     for length in lengths:
         windows = data_lib.eval_windows(tokens, length, max_windows=max_windows)
-        total, count, by_pos = _nll_sums(model, windows)
+        total, count, by_pos = _nll_sums(model, windows, random_positions)
         out["ppl"][str(length)] = math.exp(total / count)
         out["loss_by_position"][str(length)] = [round(float(x), 5) for x in by_pos]
         if stride is not None and stride < length:
@@ -526,6 +541,6 @@ def evaluate(
             # The first window scores all its targets; keep only its last `stride`, so that
             # every scored target has at least L - stride tokens of context.
             windows["weights"][0, : length - stride] = 0.0
-            total, count, _ = _nll_sums(model, windows)
+            total, count, _ = _nll_sums(model, windows, random_positions)
             out["ppl_sliding"][str(length)] = math.exp(total / count)
     return out
