@@ -16,5 +16,5 @@ CONFIG = dict(
     warmup=2,
     checkpoint_every=3,
     log_every=1,
-    eval_windows=4,
+    eval_tokens=256,
 )

@@ -29,7 +29,7 @@ def _load_cli():
 
 cli = _load_cli()
 
-TINY = ["--steps=3", "--train-len=16", "--eval-lengths=16,32,64", "--eval-windows=2",
+TINY = ["--steps=3", "--train-len=16", "--eval-lengths=16,32,64", "--eval-tokens=128",
         "--d-model=32", "--num-layers=1", "--num-heads=2", "--no-progress"]  # fmt: skip
 
 

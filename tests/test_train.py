@@ -39,7 +39,7 @@ SMALL = dict(d_model=32, num_layers=2, num_heads=2)
 def _cfg(pe="rope", **kw):
     model = {**SMALL, "pe": pe, **kw.pop("model", {})}
     base = dict(steps=6, batch_size=8, seq_len=32, lr=1e-3, warmup=2, checkpoint_every=3,
-                log_every=1, eval_windows=2, eval_lengths=(32, 64))  # fmt: skip
+                log_every=1, eval_tokens=128, eval_lengths=(32, 64))  # fmt: skip
     return TrainConfig(model=TransformerConfig(**model), **{**base, **kw})
 
 
@@ -194,9 +194,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         ["--config=smoke", "--pe=alibi"],
         ["--config=smoke", "--pe=learned", "--pack"],
         ["--config=smoke", "--pe=t5", "--random-positions=256", "--eval-stride=16"],
-        ["--config=tiny", "--pe=rope", "--steps=2", "--checkpoint-every=2", "--eval-windows=2"],
+        ["--config=tiny", "--pe=rope", "--steps=2", "--checkpoint-every=2", "--eval-tokens=128"],
         ["--config=gpu_small", "--pe=rope", "--steps=1", "--batch-size=2", "--seq-len=16",
-         "--num-layers=2", "--eval-windows=1", "--eval-lengths=16"],
+         "--num-layers=2", "--eval-tokens=32", "--eval-lengths=16"],
     ],
     ids=["smoke-alibi", "smoke-learned-packed", "smoke-t5-randomized", "tiny", "gpu_small"],
 )  # fmt: skip

@@ -47,8 +47,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--pe", type=_names, default=(), help="comma-separated encodings, each "
-                   "optionally NAME+randomized (default: every registered encoding)")
+    p.add_argument(
+        "--pe",
+        type=_names,
+        default=(),
+        help="comma-separated encodings, each "
+        "optionally NAME+randomized (default: every registered encoding)",
+    )
     p.add_argument("--workdir", default=None, help="outputs (default runs/extrapolate)")
     p.add_argument("--train-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=300)
@@ -57,21 +62,40 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--eval-lengths", type=_ints, default=(),
-                   help="default: 1x, 2x, ..., 32x --train-len")
+    p.add_argument(
+        "--eval-lengths", type=_ints, default=(), help="default: 1x, 2x, ..., 32x --train-len"
+    )
     p.add_argument("--stride", type=int, help="sliding-window stride (default train-len / 4)")
-    p.add_argument("--eval-windows", type=int, default=32, help="windows per length and mode")
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=1 << 18,
+        help="tokens per length and evaluation mode (default 262144)",
+    )
     p.add_argument("--seeds", type=_ints, default=(0,))
-    p.add_argument("--rope-scaling", type=_names, default=ROPE_SCALINGS,
-                   help=f"evaluation-time scalings of rope: {','.join(ROPE_SCALINGS)} "
-                   "(default all; '' for none)")
-    p.add_argument("--random-positions", type=int,
-                   help="range of randomized positions (default: the longest eval length)")
+    p.add_argument(
+        "--rope-scaling",
+        type=_names,
+        default=ROPE_SCALINGS,
+        help=f"evaluation-time scalings of rope: {','.join(ROPE_SCALINGS)} "
+        "(default all; '' for none)",
+    )
+    p.add_argument(
+        "--random-positions",
+        type=int,
+        help="range of randomized positions (default: the longest eval length)",
+    )
     p.add_argument("--data", help="text file, folder, or hf:NAME[:CONFIG] (default built-in)")
-    p.add_argument("--task", help="synthetic task instead of language modelling: "
-                   "copy, reverse, sort, parity, recall")
-    p.add_argument("--task-len", type=int, default=8,
-                   help="train on problem sizes 1..N, test on 1x..4x N (default 8)")
+    p.add_argument(
+        "--task",
+        help="synthetic task instead of language modelling: copy, reverse, sort, parity, recall",
+    )
+    p.add_argument(
+        "--task-len",
+        type=int,
+        default=8,
+        help="train on problem sizes 1..N, test on 1x..4x N (default 8)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p  # fmt: skip
 
@@ -112,7 +136,7 @@ def main(argv=None) -> int:
                 num_heads=args.num_heads,
                 eval_lengths=args.eval_lengths,
                 stride=args.stride,
-                eval_windows=args.eval_windows,
+                eval_tokens=args.eval_tokens,
                 seeds=args.seeds,
                 rope_scalings=args.rope_scaling,
                 random_positions=args.random_positions,

@@ -82,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
         help="comma-separated lengths (default: 1x, 2x and 4x --seq-len)",
     )
     p.add_argument("--eval-stride", type=int, help="sliding-window stride (default --seq-len / 4)")
-    p.add_argument("--eval-windows", type=int, help="windows per evaluation length")
+    p.add_argument("--eval-tokens", type=int, help="tokens per evaluation length and mode")
     p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 4x2 (default: all on data)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute")
     p.add_argument("--pack", action="store_true", help="pack documents with segment ids")

@@ -89,7 +89,9 @@ class LabConfig:
       d_model, num_layers, num_heads: the model, the same for every encoding.
       eval_lengths: evaluation lengths (default: 1x, 2x, 4x, ..., 32x train_len).
       stride: sliding-window stride (default train_len // 4).
-      eval_windows: at most this many windows per length and mode.
+      eval_tokens: tokens each evaluation mode runs through the model per length (all the
+        non-overlapping windows of the validation split when it is shorter; eval_tokens // L
+        sliding windows).
       seeds: one run per seed and encoding.
       rope_scalings: evaluation-time scalings of every trained plain `rope` model.
       random_positions: the range [0, N) randomized positions are drawn from (default: the
@@ -108,7 +110,7 @@ class LabConfig:
     num_heads: int = 4
     eval_lengths: tuple[int, ...] = ()
     stride: int | None = None
-    eval_windows: int = 32
+    eval_tokens: int = 1 << 18
     seeds: tuple[int, ...] = (0,)
     rope_scalings: tuple[str, ...] = ROPE_SCALINGS
     random_positions: int | None = None
@@ -125,7 +127,7 @@ class LabConfig:
             raise ValueError(f"pes: each encoding once, got {self.pes}")
         for name in ("train_len", "steps", "batch_size", "d_model", "num_layers", "num_heads"):
             _checks.positive_int(name, getattr(self, name))
-        _checks.positive_int("eval_windows", self.eval_windows)
+        _checks.positive_int("eval_tokens", self.eval_tokens)
         lengths = tuple(self.eval_lengths) or tuple(self.train_len * 2**i for i in range(6))
         for length in lengths:
             _checks.positive_int("eval_lengths", length)
@@ -183,7 +185,7 @@ def _train_config(lab: LabConfig, spec: str, seed: int):
         log_every=max(1, min(25, lab.steps // 4)),
         eval_lengths=lab.eval_lengths,
         eval_stride=lab.stride,
-        eval_windows=lab.eval_windows,
+        eval_tokens=lab.eval_tokens,
     )
 
 
@@ -227,7 +229,7 @@ def _evaluate_rope_scalings(lab: LabConfig, model, corpus_val) -> dict:
                 corpus_val,
                 [length],
                 stride=lab.stride,
-                max_windows=lab.eval_windows,
+                tokens_per_length=lab.eval_tokens,
             )
             out[kind]["ppl"][str(length)] = r["ppl"][str(length)]
             if str(length) in r.get("ppl_sliding", {}):
@@ -330,7 +332,8 @@ def _markdown(details: dict) -> str:
         f"Trained at length {cfg['train_len']} for {cfg['steps']} steps (batch "
         f"{cfg['batch_size']}, d_model {cfg['d_model']}, {cfg['num_layers']} layers, "
         f"{cfg['num_heads']} heads), seeds {', '.join(map(str, cfg['seeds']))}; "
-        f"{cfg['eval_windows']} windows per length. Machine: {details['machine']}. "
+        f"up to {cfg['eval_tokens']:,} tokens per length and mode. Machine: "
+        f"{details['machine']}. "
         f"Command: `{details['command']}`.",
         "",
     ]

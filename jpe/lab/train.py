@@ -67,7 +67,9 @@ class TrainConfig:
       log_every: steps between loss checks, metrics lines and progress-bar updates.
       eval_lengths: evaluation lengths for the final table (default: the training length).
       eval_stride: if set, also sliding-window evaluation with this stride.
-      eval_windows: at most this many windows per length (evenly spaced over validation).
+      eval_tokens: tokens each evaluation mode runs through the model per length: all the
+        non-overlapping windows when validation is shorter, else that many tokens' worth, and
+        eval_tokens // L sliding windows (windows evenly spaced over validation).
       mesh: "DATAxMODEL" or None (all devices on data).
     """
 
@@ -88,14 +90,14 @@ class TrainConfig:
     log_every: int = 25
     eval_lengths: tuple[int, ...] = ()
     eval_stride: int | None = None
-    eval_windows: int = 64
+    eval_tokens: int = 1 << 17
     mesh: str | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "keep", "log_every"):
             _checks.positive_int(name, getattr(self, name))
         _checks.positive_int("warmup", self.warmup, minimum=0)
-        _checks.positive_int("eval_windows", self.eval_windows)
+        _checks.positive_int("eval_tokens", self.eval_tokens)
         _checks.positive_float("lr", self.lr)
         _checks.positive_float("weight_decay", self.weight_decay, allow_zero=True)
         _checks.positive_float("clip", self.clip)
@@ -203,7 +205,7 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
 # Fields that may change between a run and its resumption: they do not change what is
 # trained, only what is done around it. (`steps` is not one: it sets the cosine schedule.)
 _RESUMABLE = {"checkpoint_every", "keep", "log_every", "eval_lengths", "eval_stride",
-              "eval_windows", "mesh"}  # fmt: skip
+              "eval_tokens", "mesh"}  # fmt: skip
 
 
 def _check_resumable(workdir: Path, cfg: TrainConfig) -> None:
@@ -452,7 +454,7 @@ def train(
         corpus.val,
         lengths,
         stride=cfg.eval_stride,
-        max_windows=cfg.eval_windows,
+        tokens_per_length=cfg.eval_tokens,
         random_positions=cfg.random_positions,
     )
     report = {"pe": cfg.model.pe, "train_len": cfg.seq_len, **results}
@@ -510,7 +512,7 @@ def evaluate(
     lengths: Sequence[int],
     *,
     stride: int | None = None,
-    max_windows: int = 64,
+    tokens_per_length: int = 1 << 17,
     random_positions: int | None = None,
 ) -> dict:
     """Validation perplexity at each length.
@@ -521,7 +523,8 @@ def evaluate(
     Also the mean loss at each position of the non-overlapping windows (`loss_by_position`),
     which shows how much of a long window's gain is early tokens seeing more context. A model
     trained with randomized positions is evaluated with them (`random_positions`, R >= every
-    length).
+    length). Each mode runs about `tokens_per_length` tokens through the model per length
+    (windows evenly spaced over `tokens`; all non-overlapping ones when `tokens` is shorter).
 
     Returns:
       `{"ppl": {L: ppl}, "ppl_sliding": {L: ppl}, "loss_by_position": {L: [L floats]}}`, with
@@ -532,12 +535,14 @@ def evaluate(
         out["ppl_sliding"] = {}
         out["stride"] = stride
     for length in lengths:
-        windows = data_lib.eval_windows(tokens, length, max_windows=max_windows)
+        windows = max(1, tokens_per_length // length)
+        windows = data_lib.eval_windows(tokens, length, max_windows=windows)
         total, count, by_pos = _nll_sums(model, windows, random_positions)
         out["ppl"][str(length)] = math.exp(total / count)
         out["loss_by_position"][str(length)] = [round(float(x), 5) for x in by_pos]
         if stride is not None and stride < length:
-            windows = data_lib.eval_windows(tokens, length, stride=stride, max_windows=max_windows)
+            windows = max(1, tokens_per_length // length)
+            windows = data_lib.eval_windows(tokens, length, stride=stride, max_windows=windows)
             # The first window scores all its targets; keep only its last `stride`, so that
             # every scored target has at least L - stride tokens of context.
             windows["weights"][0, : length - stride] = 0.0
