@@ -4,8 +4,9 @@ The logits of a query block against a key block are `scale * q . k + bias_fn(q_p
 masked (causal by position, same segment, valid key) and folded into a running softmax
 (Milakov & Gimelshein 2018, arXiv 1805.02867; the form FlashAttention uses, arXiv 2205.14135).
 Only `[B, H, bq, bk]` logits exist at any time, so memory is linear in the sequence length and
-no `[H, L, L]` bias is ever built. A row with no key to attend to (a padding query, say) gives
-zeros rather than NaN.
+no `[H, L, L]` bias is ever built, in the forward pass and, through checkpointing, in the
+backward pass. A row with no key to attend to (a padding query, say) gives zeros rather than
+NaN, and whatever a masked-out key or value holds (NaN included) never reaches a row.
 """
 
 from __future__ import annotations
@@ -39,9 +40,17 @@ def _blocks(x: jnp.ndarray, block: int, fill) -> jnp.ndarray:
     return jnp.moveaxis(x, 1, 0)
 
 
-def _batched(name: str, x, batch: int, length: int, default) -> jnp.ndarray:
-    """`x` `[L]` or `[B, L]` (or None for `default`) as `[B, L]`."""
-    x = default if x is None else jnp.asarray(x)
+def _batched(name: str, x, batch: int, length: int, default, kind: str = "int") -> jnp.ndarray:
+    """`x` `[L]` or `[B, L]` (or None for `default`) as `[B, L]`; `kind` "int" needs an integer
+    dtype, "mask" a boolean or integer one."""
+    if x is None:
+        x = default
+    elif kind == "int":
+        x = _checks.integer_array(name, x)
+    else:
+        x = jnp.asarray(x)
+        if not (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)):
+            raise ValueError(f"{name} must have a boolean dtype, got {x.dtype}")
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2 or x.shape[1] != length or x.shape[0] not in (1, batch):
@@ -82,9 +91,10 @@ def attention(
       q_positions: `[Lq]` or `[B, Lq]` int positions; default `arange(Lq) + Lk - Lq` (queries
         are the last Lq of the keys, as in decoding).
       k_positions: `[Lk]` or `[B, Lk]`; default `arange(Lk)`.
-      segment_ids: `[B, L]` int ids (queries and keys share them; needs Lq == Lk) or a pair
+      segment_ids: `[B, L]` int ids (queries and keys share them; needs Lq == Lk) or a tuple
         `(q_segment_ids, k_segment_ids)`: tokens attend only within their own segment, so packed
-        rows never mix. Give padding a segment of its own.
+        rows never mix. Give padding a segment of its own. Only a tuple is read as a pair; a
+        list is one array (a nested list of two rows is a batch of two).
       kv_mask: `[B, Lk]` bool, False for keys that must not be attended to (empty cache slots).
       block_size: block length for queries and keys (default 512); L need not divide by it.
       scale: logit scale, default `1 / sqrt(D)`; biases are added unscaled.
@@ -98,11 +108,14 @@ def attention(
         (`block_size >= Lk`); CoPE needs it.
 
     Returns:
-      `[B, Lq, H, D]` in `q.dtype`.
+      `[B, Lq, H, D]` in `q.dtype`. A query row is NaN only if a key it attends to (allowed by
+      every mask) has a non-finite key or value, or its own logits are; keys it does not attend
+      to never reach it, whatever they hold (padding, empty cache slots, future tokens).
 
     Raises:
-      ValueError: shapes that do not match, `H` not a multiple of `Hkv`, a bad `block_size`, or
-        `segment_ids` given as one array while Lq != Lk.
+      ValueError: shapes that do not match, `H` not a multiple of `Hkv`, a bad `block_size`,
+        positions or segment ids that are not integers, or `segment_ids` given as one array
+        while Lq != Lk.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -133,9 +146,12 @@ def attention(
     if segment_ids is None:
         q_seg = jnp.zeros((batch, q_len), jnp.int32)
         k_seg = jnp.zeros((batch, k_len), jnp.int32)
-    elif isinstance(segment_ids, tuple | list):
+    elif isinstance(segment_ids, tuple):
         if len(segment_ids) != 2:
-            raise ValueError("segment_ids must be one [B, L] array or a pair (q_ids, k_ids)")
+            raise ValueError(
+                f"segment_ids must be one [B, L] array or a tuple (q_ids, k_ids), got a tuple "
+                f"of {len(segment_ids)}"
+            )
         q_seg = _batched("segment_ids[0]", segment_ids[0], batch, q_len, None)
         k_seg = _batched("segment_ids[1]", segment_ids[1], batch, k_len, None)
     else:
@@ -148,7 +164,7 @@ def attention(
     kv_valid = (
         jnp.ones((batch, k_len), bool)
         if kv_mask is None
-        else _batched("kv_mask", kv_mask, batch, k_len, None).astype(bool)
+        else _batched("kv_mask", kv_mask, batch, k_len, None, kind="mask").astype(bool)
     )
 
     bq, bk = min(block, q_len), min(block, k_len)
@@ -184,9 +200,20 @@ def attention(
 
     def query_block(qb, qp, qs):
         def step(carry, kv):
-            m, denom, acc = carry  # [B, H, bq], [B, H, bq], [B, bq, H, D]
+            m, denom, acc, poisoned = carry  # [B, H, bq] x 2, [B, bq, H, D], bool [B, H, bq]
             kb, vb, kp, ks, kvalid = kv
+            # A non-finite key or value must reach only the rows that attend to it. It is
+            # zeroed and left out of the softmax (so a zero weight never meets it: 0 * NaN),
+            # and the rows that attend to it are flagged and set to NaN at the end; all else
+            # stays finite, the backward pass included.
+            k_finite, v_finite = jnp.isfinite(kb), jnp.isfinite(vb)
+            kbad = ~(k_finite.all(axis=-1) & v_finite.all(axis=-1))  # [B, bk, Hkv]
+            kb, vb = jnp.where(k_finite, kb, 0), jnp.where(v_finite, vb, 0)
             s, mask = logits_block(qb, qp, qs, kb, kp, ks, kvalid)
+            # kbad [B, bk, Hkv] -> [B, H, 1, bk]: query head h reads key/value head h // groups
+            kbad = jnp.repeat(kbad, groups, axis=2).transpose(0, 2, 1)[:, :, None, :]
+            poisoned = poisoned | (mask & kbad).any(axis=-1)
+            mask = mask & ~kbad
             s = jnp.where(mask, s, _MASKED)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -199,26 +226,35 @@ def attention(
             if value_fn is not None:
                 pv = pv + value_fn(p, qp, kp).astype(jnp.float32)
             acc_new = acc * jnp.moveaxis(correction, 1, 2)[..., None] + pv
-            return (m_new, denom_new, acc_new), None
+            return (m_new, denom_new, acc_new, poisoned), None
 
         init = (
             jnp.full((batch, num_heads, qb.shape[1]), _MASKED, jnp.float32),
             jnp.zeros((batch, num_heads, qb.shape[1]), jnp.float32),
             jnp.zeros((batch, qb.shape[1], num_heads, head_dim), jnp.float32),
+            jnp.zeros((batch, num_heads, qb.shape[1]), bool),
         )
         kv = (k_blocks, v_blocks, kp_blocks, ks_blocks, kvalid_blocks)
         if k_blocks.shape[0] == 1:
-            (_, denom, acc), _ = step(init, jax.tree.map(lambda t: t[0], kv))
+            (_, denom, acc, poisoned), _ = step(init, jax.tree.map(lambda t: t[0], kv))
         else:
             # Recompute each block's logits in the backward pass instead of storing them all.
-            (_, denom, acc), _ = jax.lax.scan(jax.checkpoint(step), init, kv)
+            (_, denom, acc, poisoned), _ = jax.lax.scan(jax.checkpoint(step), init, kv)
         denom = jnp.moveaxis(denom, 1, 2)[..., None]  # [B, bq, H, 1]
-        return jnp.where(denom > 0, acc / jnp.where(denom > 0, denom, 1.0), 0.0)
+        # No key at all: zeros. A NaN denominator (a NaN logit, e.g. from a NaN query) stays NaN.
+        empty = denom == 0
+        out = jnp.where(empty, 0.0, acc / jnp.where(empty, 1.0, denom))
+        return jnp.where(jnp.moveaxis(poisoned, 1, 2)[..., None], jnp.nan, out)
 
     if q_blocks.shape[0] == 1:
         out = query_block(q_blocks[0], qp_blocks[0], qs_blocks[0])[None]
     else:
-        out = jax.lax.map(lambda xs: query_block(*xs), (q_blocks, qp_blocks, qs_blocks))
+        # Checkpointed per query block: the backward pass recomputes one block's forward at a
+        # time, so training memory stays linear in L (without it, the map would keep every
+        # block's per-key-block residuals, O(L^2) in all).
+        out = jax.lax.map(
+            jax.checkpoint(lambda xs: query_block(*xs)), (q_blocks, qp_blocks, qs_blocks)
+        )
     # [nq, B, bq, H, D] -> [B, Lq, H, D]
     out = jnp.moveaxis(out, 0, 1).reshape(batch, -1, num_heads, head_dim)[:, :q_len]
     return out.astype(q.dtype)

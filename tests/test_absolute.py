@@ -425,3 +425,42 @@ def test_vmap_over_leading_axis():
         mapped = jax.vmap(fn)(*args)
         rows = jnp.stack([fn(*(a[i] for a in args)) for i in range(2)])
         np.testing.assert_allclose(mapped, rows, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- regressions
+
+
+@pytest.mark.parametrize(
+    "fn, bad, good",
+    [
+        (functools.partial(absolute.binary, dim=4), [0, 16], [0, 15]),
+        (functools.partial(absolute.learned_lookup, jnp.zeros((8, 2))), [0, 8], [0, 7]),
+    ],
+)
+def test_range_checks_read_closed_over_constants_under_jit(fn, bad, good):
+    """A constant closed over by a jitted function is concrete: it is checked with NumPy
+    (a jnp reduction of it would be traced and fail with a ConcretizationTypeError)."""
+    bad, good = jnp.array(bad), jnp.array(good)
+    with pytest.raises(ValueError, match="positions must be in"):
+        jax.jit(lambda: fn(bad))()
+    chex.assert_tree_all_finite(jax.jit(lambda: fn(good))())
+
+
+def test_learned_lookup_int64_positions_outside_int32_raise():
+    with pytest.raises(ValueError, match="int32"):
+        absolute.learned_lookup(jnp.zeros((8, 2)), np.array([0, 2**32 + 1], np.int64))
+    with pytest.raises(ValueError, match="int32"):
+        absolute.sinusoidal(np.array([2**31], np.int64), 4)
+
+
+@pytest.mark.parametrize("mode", ["add", "multiply", "concat"])
+def test_combine_never_enlarges_x(mode):
+    """pe's leading axes broadcast to x's, never the other way: x [1, L, D] with pe [4, L, D]
+    used to return [4, L, D]."""
+    x = jnp.ones((1, 5, 8))
+    with pytest.raises(ValueError, match="leading axes"):
+        absolute.combine(x, jnp.ones((4, 5, 8)), mode=mode)
+    with pytest.raises(ValueError, match="leading axes"):
+        absolute.combine(jnp.ones((2, 5, 8)), jnp.ones((3, 5, 8)), mode=mode)
+    got = absolute.combine(jnp.ones((3, 5, 8)), jnp.ones((1, 5, 8)), mode=mode)
+    chex.assert_shape(got, (3, 5, 16 if mode == "concat" else 8))

@@ -171,6 +171,10 @@ def test_randomized_vmap_over_keys():
         (lambda: pos.offset_positions(2.0), "length"),
         (lambda: pos.offset_positions(3, 1.5), "offset"),
         (lambda: pos.offset_positions(3, jnp.array([0.0])), "offset"),
+        # int64 / uint32 values beyond int32 used to wrap silently in jnp.asarray
+        (lambda: pos.offset_positions(3, np.array([2**31 + 5], np.int64)), "offset.*int32"),
+        (lambda: pos.offset_positions(3, 2**40), "offset.*int32"),
+        (lambda: pos.positions_from_segments(np.array([2**32, 1], np.uint64)), "int32"),
         (lambda: pos.positions_from_mask(jnp.array([1.0, 0.0])), "mask"),
         (lambda: pos.positions_from_mask(jnp.array(True)), "mask"),
         (lambda: pos.randomized_positions(jax.random.key(0), (2, 11), 10), "max_position"),

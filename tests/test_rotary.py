@@ -386,3 +386,165 @@ class RotaryVariantsTest(chex.TestCase):
             apply_axial_rope(x, coords, [inv_freq[:2], inv_freq[:2]]),
             atol=1e-6,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions: exact angles for any float64 frequency, int32 range, length-dependent scalings
+# ---------------------------------------------------------------------------------------------
+
+
+def _decimal_angle_error(angles, positions, inv_freq):
+    """Phase error of `angles` against p * w mod 2 pi in 450-digit decimal arithmetic (float64
+    w taken exactly, so even w near 1e308 and p near 2^31 lose nothing), in rad. 2 pi comes
+    from the Gauss-Legendre iteration, independent of the library's Machin series."""
+    import decimal
+
+    with decimal.localcontext() as ctx:
+        ctx.prec = 450
+        a, b = decimal.Decimal(1), 1 / decimal.Decimal(2).sqrt()
+        t, p = decimal.Decimal("0.25"), decimal.Decimal(1)
+        for _ in range(12):  # doubles the correct digits each time: far beyond 450
+            a, b, t, p = (a + b) / 2, (a * b).sqrt(), t - p * ((a - b) / 2) ** 2, 2 * p
+        two_pi = (a + b) ** 2 / (2 * t)
+        worst = 0.0
+        for i, pos in enumerate(np.asarray(positions).tolist()):
+            for j, w in enumerate(np.asarray(inv_freq, np.float64).tolist()):
+                diff = decimal.Decimal(float(angles[i][j])) - decimal.Decimal(
+                    pos
+                ) * decimal.Decimal(w)
+                turns = (diff / two_pi).to_integral_value(decimal.ROUND_HALF_EVEN)
+                worst = max(worst, abs(float(diff - turns * two_pi)))
+    return worst
+
+
+def test_angles_exact_for_large_frequencies():
+    """w = 1000 rad/position lost 2e-4 rad at |p| = 2^31 when t = w / 2 pi was rounded to
+    float64; the constants are now reduced exactly, for any finite float64 w."""
+    inv_freq = np.array([1000.0, 12345.678, 1e6, 2 * np.pi * (1 + 2**-30), 1.7e308, 1e-300])
+    rng = np.random.default_rng(0)
+    positions = np.concatenate(
+        [[INT32_MAX, -(2**31), 2**20, 2**20 - 1, 65537, 1, -1], rng.integers(-(2**31), 2**31, 25)]
+    ).astype(np.int32)
+    err = _decimal_angle_error(rope_angles(positions, inv_freq), positions, inv_freq)
+    assert err < 3e-6, err
+
+
+def test_angles_float_positions_with_large_frequencies():
+    """Negative fractions and large w: the fraction is split exactly around the nearest integer."""
+    inv_freq = np.array([1.0, 1000.0, 2.0**31])
+    positions = np.array([-1e-7, 1e-7, -0.3, 0.3, -2.5, 1000.25, -65536.75], np.float32)
+    # the float32 values are what the angles are of
+    exact_positions = [float(p) for p in positions]
+    got = rope_angles(positions, inv_freq)
+    assert _decimal_angle_error(got, exact_positions, inv_freq) < 1e-4
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        rope_angles(positions, np.array([2.0**33]))
+
+
+@pytest.mark.parametrize(
+    "positions",
+    [
+        np.array([0, 2**31 + 5], np.int64),  # wrapped silently by jnp.asarray without x64
+        np.array([2**31 + 5], np.uint32),
+        jnp.asarray(np.array([2**31 + 5], np.uint32)),
+        [0, -(2**31) - 1],
+    ],
+)
+def test_positions_outside_int32_raise(positions):
+    inv_freq, _ = rope_frequencies(8)
+    with pytest.raises(ValueError, match="int32"):
+        rope_angles(positions, inv_freq)
+    with pytest.raises(ValueError, match="int32"):
+        apply_rope(jnp.ones((np.shape(positions)[0], 1, 8)), positions, inv_freq)
+    # values inside the range are fine in any dtype
+    np.testing.assert_allclose(
+        rope_angles(np.array([7, 2**31 - 1], np.int64), inv_freq),
+        rope_angles(np.array([7, 2**31 - 1], np.int32), inv_freq),
+    )
+
+
+def test_apply_rope_needs_floating_x_and_ntk_needs_rotary_dim_4():
+    inv_freq, _ = rope_frequencies(4)
+    with pytest.raises(ValueError, match="x must have a floating dtype"):
+        apply_rope(jnp.ones((1, 2, 1, 4), jnp.int32), jnp.arange(2), inv_freq)
+    with pytest.raises(ValueError, match="x must have a floating dtype"):
+        apply_xpos(jnp.ones((1, 2, 1, 4), jnp.int32), jnp.arange(2), inv_freq, is_key=True)
+    dyn = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8}
+    for scaling in ({"rope_type": "ntk", "factor": 2.0}, dyn):
+        with pytest.raises(ValueError, match="rotary_dim must be >= 4"):
+            rope_frequencies(2, scaling=scaling, seq_len=16)
+        assert rope_frequencies(4, scaling=scaling, seq_len=16)[0].shape == (2,)
+
+
+_D = 16
+_DYNAMIC = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 8}
+_LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0] * (_D // 2),
+    "long_factor": list(np.linspace(1.0, 8.0, _D // 2)),
+    "original_max_position_embeddings": 8,
+    "factor": 4.0,
+}
+
+
+@pytest.mark.parametrize("scaling", [_DYNAMIC, _LONGROPE, {"rope_type": "linear", "factor": 2}])
+def test_cos_sin_at_length_equals_static_frequencies(scaling):
+    """A traced per-row seq_len gives rope_frequencies(seq_len=...)'s rotation for each row."""
+    positions = jnp.array([[0, 5, 100, 3000], [3, 4, 5, 6], [0, 1, 2, 3]])
+    lengths = jnp.array([9, 8, 20_000])
+    fn = jax.jit(lambda p, n: rotary.rope_cos_sin_at_length(p, n, _D, scaling=scaling))
+    cos, sin = fn(positions, lengths)
+    for row, n in enumerate(np.asarray(lengths).tolist()):
+        inv_freq, factor = rope_frequencies(_D, scaling=scaling, seq_len=n)
+        angle = np.asarray(positions[row], np.float64)[:, None] * inv_freq
+        np.testing.assert_allclose(cos[row], factor * np.cos(angle), atol=2e-5)
+        np.testing.assert_allclose(sin[row], factor * np.sin(angle), atol=2e-5)
+    # and apply_rope_at_length rotates with them
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 2, _D))
+    inv_freq, factor = rope_frequencies(_D, scaling=scaling, seq_len=9)
+    want = apply_rope(x[0], positions[0], inv_freq, attention_factor=factor)
+    got = rotary.apply_rope_at_length(x, positions, lengths, _D, scaling=scaling)
+    np.testing.assert_allclose(got[0], want, atol=2e-5)
+
+
+def test_dynamic_at_length_is_exact_within_the_original_length_and_close_past_it():
+    positions = jnp.array([[2**20, 2**20 + 7, 123_457]])
+    base, _ = rope_frequencies(_D)
+    cos, _ = rotary.rope_cos_sin_at_length(positions, jnp.array([8]), _D, scaling=_DYNAMIC)
+    np.testing.assert_array_equal(cos, rotary.rope_cos_sin(positions, base)[0])
+    # Past it the frequencies come from float32 arithmetic on the device (as Hugging Face's).
+    positions = jnp.array([[1000, 50_000, 123_457]])
+    for length in (1000, 200_000):
+        longer, _ = rope_frequencies(_D, scaling=_DYNAMIC, seq_len=length)
+        got = rotary.rope_cos_sin_at_length(positions, jnp.array([length]), _D, scaling=_DYNAMIC)
+        angle = np.asarray(positions, np.float64)[..., None] * longer
+        np.testing.assert_allclose(got[0], np.cos(angle), atol=5e-3)
+        np.testing.assert_allclose(got[1], np.sin(angle), atol=5e-3)
+
+
+def test_xpos_anchor_keeps_far_positions_finite_and_scores_unchanged():
+    """Scales measured from an anchor: only differences matter, so far positions stay finite."""
+    d = 16
+    inv_freq, _ = rope_frequencies(d)
+    assert rotary.xpos_max_position(d) == 32_695  # 80 * 512 / ln(3.5)
+    q, k = _random_qk(jax.random.PRNGKey(6), (1, 3, 2, d))
+    near = jnp.array([[0, 1, 2]])
+
+    def scores(positions, anchor):
+        qx = apply_xpos(q, positions, inv_freq, is_key=False, anchor=anchor)
+        kx = apply_xpos(k, positions, inv_freq, is_key=True, anchor=anchor)
+        return jnp.einsum("bqhd,bkhd->bhqk", qx, kx)
+
+    want = scores(near, None)
+    for offset in (40_000, 1_000_000):
+        far = near + offset
+        got = scores(far, jnp.array([offset]))
+        chex.assert_tree_all_finite(got)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="anchor"):
+            apply_xpos(q, far, inv_freq, is_key=True)  # no anchor: past the finite range
+    # under jit the values are not checked: the same call overflows (documented)
+    jitted = jax.jit(lambda p: apply_xpos(k, p, inv_freq, is_key=True))(near + 40_000)
+    assert not np.all(np.isfinite(np.asarray(jitted)))
+    with pytest.raises(ValueError, match="anchor"):
+        apply_xpos(q, near, inv_freq, is_key=True, anchor=jnp.array([0, 1]))

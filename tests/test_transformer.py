@@ -149,10 +149,21 @@ def test_learned_positions_beyond_max_len_raise():
         model(tokens(shape=(1, 9)))
     with pytest.raises(ValueError, match="max_len"):
         model(tokens(shape=(1, 4)), positions=jnp.arange(4) + 5)
-    # Under jit the values are unknown: out-of-range rows are NaN, never a clamped row.
+    # Under jit the values are unknown: an out-of-range row is NaN, never a clamped row, and
+    # the NaN reaches exactly the tokens that attend to it: only the last one (position 8).
     run = nnx.jit(lambda m, t, p: m(t, positions=p))
-    assert np.isnan(np.asarray(run(model, tokens(shape=(1, 4)), jnp.arange(4) + 5))).any()
+    out = np.asarray(run(model, tokens(shape=(1, 4)), jnp.arange(4) + 5))
+    np.testing.assert_array_equal(np.isfinite(out).all(axis=-1), [[True, True, True, False]])
+    assert np.isnan(out[0, 3]).all()
+    # and the rows before it equal a run without the bad token
+    np.testing.assert_allclose(
+        out[:, :3], model(tokens(shape=(1, 4))[:, :3], positions=jnp.arange(3) + 5), atol=1e-5
+    )
     chex.assert_tree_all_finite(run(model, tokens(shape=(1, 4)), jnp.arange(4) + 4))
+    # Constants a jitted function closes over are concrete: checked, not a tracer error.
+    bad = jnp.arange(4) + 5
+    with pytest.raises(ValueError, match="max_len"):
+        nnx.jit(lambda m, t: m(t, positions=bad))(model, tokens(shape=(1, 4)))
 
 
 def test_token_classification_head_and_gqa():
@@ -169,6 +180,14 @@ def test_token_classification_head_and_gqa():
         (dict(dtype="float16"), "dtype"),
         (dict(rope_layout="neox"), "rope_layout"),
         (dict(rotary_fraction=0.0), "rotary_fraction"),
+        (dict(rope_scaling={"rope_type": "bogus"}), "rope_scaling.*rope_type"),
+        (dict(rope_scaling={"rope_type": "linear"}), "rope_scaling.*factor"),
+        (dict(rope_base=0.5), "rope_base.*base must be > 1"),
+        (dict(pe="t5", causal=False, t5_num_buckets=33), "t5_num_buckets.*even"),
+        (dict(pe="t5", t5_max_distance=4, t5_num_buckets=32), "t5_max_distance"),
+        (dict(pe="xpos", rope_scaling={"rope_type": "linear", "factor": 2.0}), "xpos"),
+        (dict(pe="sandwich", d_model=12, num_heads=4), "even head_dim"),
+        (dict(xpos_scale_base=0.0), "xpos_scale_base"),
     ],
 )
 def test_config_errors(overrides, match):
@@ -185,3 +204,155 @@ def test_config_is_hashable_with_rope_scaling():
     assert c1.scaling == scaling
     model = Transformer(c1, rngs=nnx.Rngs(0))
     chex.assert_tree_all_finite(model(tokens(shape=(1, 12))))  # 12 > 8: the long factors
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pe", ["learned", "binary"])
+def test_generate_with_absolute_tables_checked_on_concrete_values(pe):
+    """generate jitted closed-over prompts; the tables' checks then read traced values."""
+    model = make(pe)
+    prompt = tokens(shape=(2, 4))
+    out = generate(model, prompt, 3)
+    logits = model(jnp.concatenate([prompt, out.astype(prompt.dtype)], axis=1))
+    np.testing.assert_array_equal(out, jnp.argmax(logits[:, 3:-1], axis=-1))
+
+
+def test_generate_and_decode_input_errors():
+    model = make("rope")
+    with pytest.raises(ValueError, match=r"prompt must have shape \[B, P\]"):
+        generate(model, jnp.array([1, 2, 3]), 2)
+    with pytest.raises(ValueError, match="prompt_mask"):
+        generate(model, tokens(shape=(1, 5)), 2, prompt_mask=jnp.ones((1, 4), bool))
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, tokens(shape=(1, 5)), 2, prompt_mask=jnp.arange(5)[None] < 3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        generate(model, jnp.array([[1, 40]]), 2)
+    with pytest.raises(ValueError, match="learned position table"):
+        generate(make("learned", max_len=8), tokens(shape=(1, 5)), 4)
+    with pytest.raises(ValueError, match="rows"):
+        model.decode(tokens(shape=(3, 2)), init_cache(model.config, 2, 8))
+
+
+def test_token_ids_outside_the_vocabulary_raise():
+    model = make("rope")
+    for bad in ([[5, 32, 1]], [[-1, 2]]):
+        with pytest.raises(ValueError, match=r"tokens must be in \[0, vocab_size\)"):
+            model(jnp.array(bad))
+
+
+def test_decoding_past_the_cache_capacity_raises():
+    model = make("rope")
+    x = tokens(shape=(1, 6))
+    cache = init_cache(model.config, 1, 4)
+    with pytest.raises(ValueError, match="capacity 4"):
+        model.decode(x[:, :5], cache)  # static length > capacity
+    _, cache = model.decode(x[:, :4], cache)
+    with pytest.raises(ValueError, match="already holding 4"):
+        model.decode(x[:, 4:5], cache)  # a concrete index + length > capacity
+
+
+_D = TINY["d_model"] // TINY["num_heads"]
+_LENGTH_SCALINGS = {
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 8},
+    "longrope": {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * (_D // 2),
+        "long_factor": [4.0] * (_D // 2),
+        "original_max_position_embeddings": 8,
+        "factor": 4.0,
+    },
+}
+
+
+@pytest.mark.parametrize("kind", list(_LENGTH_SCALINGS))
+def test_length_dependent_rope_scalings_agree_across_paths(kind):
+    """dynamic and longrope read seq_len = max position + 1 in every path, so a forward pass, a
+    left-padded one, a prefill into a larger cache and token-by-token decoding (while within
+    the original length) agree; the cache capacity and the padding used to change it. Jitted,
+    so seq_len is traced."""
+    forward = nnx.jit(lambda m, t, p, s: m(t, positions=p, segment_ids=s))
+    decode = nnx.jit(lambda m, t, c: m.decode(t, c))
+
+    def run(model, x, mask=None):
+        mask = jnp.ones(x.shape, bool) if mask is None else mask
+        return forward(model, x, jpe.positions_from_mask(mask), mask.astype(jnp.int32))
+
+    model = make("rope", rope_scaling=_LENGTH_SCALINGS[kind], num_layers=1)
+    x = tokens(shape=(1, L))  # L = 10 > original 8: the scaling is active
+    full = run(model, x)
+    logits, _ = decode(model, x, init_cache(model.config, 1, 32))
+    chex.assert_trees_all_close(logits, full, atol=1e-5, rtol=1e-5)
+    # within the original length, step-by-step decoding into a large cache equals forward
+    short = x[:, :8]
+    want_short = run(model, short)
+    cache = init_cache(model.config, 1, 32)
+    logits, cache = decode(model, short[:, :5], cache)
+    steps = [logits]
+    for t in range(5, 8):
+        logits, cache = decode(model, short[:, t : t + 1], cache)
+        steps.append(logits)
+    chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), want_short, atol=1e-5)
+    # left padding to 12 columns (> original) changes nothing, with 10 or 8 real tokens
+    for real, want in ((x, full), (short, want_short)):
+        pad = 12 - real.shape[1]
+        padded = jnp.concatenate([jnp.zeros((1, pad), x.dtype), real], axis=1)
+        got = run(model, padded, jnp.arange(12)[None] >= pad)
+        chex.assert_trees_all_close(got[:, pad:], want, atol=1e-5, rtol=1e-5)
+    # and the length really matters: a twin without the long-context change agrees up to the
+    # original length and differs at L = 10
+    if kind == "dynamic":
+        twin = make("rope", num_layers=1)
+    else:
+        same = {**_LENGTH_SCALINGS[kind], "long_factor": [1.0] * (_D // 2)}
+        twin = make("rope", rope_scaling=same, num_layers=1)
+    np.testing.assert_allclose(run(twin, short), want_short, atol=1e-5)
+    assert not np.allclose(run(twin, x), full, atol=1e-3)
+
+
+def test_xpos_is_finite_and_shift_invariant_far_from_zero():
+    """xPos scales are measured from each row's anchor, so only distances matter: positions
+    past 36k no longer overflow float32, in the forward pass and in decoding."""
+    model = make("xpos", num_layers=1)
+    x = tokens(shape=(1, 6))
+    base = model(x)
+    for offset in (40_000, 1_000_000):
+        positions = jnp.arange(6) + offset
+        out = model(x, positions=positions)
+        chex.assert_tree_all_finite(out)
+        chex.assert_trees_all_close(out, base, atol=2e-4, rtol=2e-4)
+        jitted = nnx.jit(lambda m, t, p: m(t, positions=p))(model, x, positions[None])
+        chex.assert_trees_all_close(jitted, base, atol=2e-4, rtol=2e-4)
+    cache = init_cache(model.config, 1, 6)
+    logits, cache = model.decode(x[:, :4], cache, positions=jnp.arange(4)[None] + 40_000)
+    steps = [logits]
+    for t in (4, 5):
+        logits, cache = model.decode(x[:, t : t + 1], cache)
+        steps.append(logits)
+    chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), base, atol=2e-4, rtol=2e-4)
+    # a span wider than the finite range raises on concrete positions
+    with pytest.raises(ValueError, match="xPos"):
+        model(x, positions=jnp.array([0, 1, 2, 3, 4, 40_000]))
+
+
+def test_sandwich_sinusoids_are_one_head_wide():
+    model = make("sandwich")
+    p = jnp.arange(12)[None]
+    got = model.encoding.bias(p, p)
+    want = jpe.sandwich_bias(p, p, TINY["num_heads"], dim=_D)
+    chex.assert_trees_all_close(got, want, atol=1e-6)
+    assert not np.allclose(got, jpe.sandwich_bias(p, p, TINY["num_heads"]), atol=1e-2)
+
+
+@pytest.mark.parametrize("kind, r1_max, r2_max", [("log", 2.0, 1.0), ("power", 1.0, 2.0)])
+def test_kerple_initialisation_follows_the_reference(kind, r1_max, r2_max):
+    """chijames/KERPLE: log -p log(1 + a d), power -a d^p, with p ~ U(0, 2) and a ~ U(0, 1):
+    the scale r1 and the exponent/shape r2 trade ranges between the kinds."""
+    model = make("kerple", kerple_kind=kind, num_heads=16, d_model=32)
+    r1, r2 = np.asarray(model.encoding.r1[...]), np.asarray(model.encoding.r2[...])
+    for r, top in ((r1, r1_max), (r2, r2_max)):
+        assert np.all((r >= 0) & (r <= top))
+        assert r.max() > 0.5 * top  # spans its range (16 draws)

@@ -10,8 +10,13 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# dtypes whose every value fits in int32, so their range needs no check
+_NARROW = tuple(np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.uint8, np.uint16))
 
 
 def positive_int(name: str, value, *, minimum: int = 1) -> int:
@@ -41,8 +46,56 @@ def one_of(name: str, value, allowed: Sequence) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
+def concrete(x) -> np.ndarray | None:
+    """`x`'s values as a NumPy array when they are known now, or None under tracing.
+
+    Only a `jax` tracer hides its values; a constant that a jitted function closes over is
+    concrete. Read values with this (NumPy), never with `jnp` ops, which would be traced.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def fits_int32(name: str, x) -> None:
+    """Raises if concrete `x` holds a value that int32 cannot hold (it would wrap when cast).
+
+    uint32, int64 and Python integers can exceed int32; with 64-bit mode off, `jnp.asarray`
+    silently wraps an int64 NumPy array, so call this on the raw argument. Floating `x` must be
+    finite with its floor in int32. Traced values are not checked.
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and np.dtype(dtype) in _NARROW:
+        return
+    values = concrete(x)
+    if values is None or values.size == 0:
+        return
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"{name} must be finite, got non-finite values")
+        low, high = float(np.floor(values.min())), float(np.floor(values.max()))
+    elif np.issubdtype(values.dtype, np.integer):
+        low, high = int(values.min()), int(values.max())
+    else:
+        return
+    if low < INT32_MIN or high > INT32_MAX:
+        raise ValueError(
+            f"{name} must fit in int32 [-2**31, 2**31 - 1]; got values in [{low}, {high}]"
+        )
+
+
 def integer_array(name: str, x) -> jnp.ndarray:
-    """Returns `x` as a JAX array, or raises if its dtype is not an integer type."""
+    """Returns `x` as a JAX array, or raises if its dtype is not an integer type or (when
+    concrete) a value does not fit in int32."""
+    if not hasattr(x, "dtype"):  # a Python number or (nested) list: check it as NumPy would
+        try:
+            as_numpy = np.asarray(x)
+        except Exception:  # e.g. a list holding tracers; jnp.asarray below decides
+            as_numpy = None
+        if as_numpy is not None and as_numpy.dtype != object:
+            x = as_numpy
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer):
+        fits_int32(name, x)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f"{name} must have an integer dtype, got {x.dtype}")

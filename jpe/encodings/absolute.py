@@ -31,11 +31,6 @@ __all__ = [
 COMBINE_MODES = ("add", "multiply", "concat")
 
 
-def _is_concrete(x) -> bool:
-    """True when `x` holds values we can read now (not a tracer under `jit`/`vmap`/`grad`)."""
-    return not isinstance(x, jax.core.Tracer)
-
-
 def _inv_freq(num: int, denominator: int, base: float) -> np.ndarray:
     """Returns base ** (-2i / denominator) for i < num, in float64."""
     return base ** (-2.0 * np.arange(num, dtype=np.float64) / denominator)
@@ -148,9 +143,9 @@ def binary(positions, dim: int) -> jax.Array:
 
     Only ceil(log2(n)) of the columns vary over positions 0..n-1; the others are constant -1.
 
-    Positions must lie in [0, 2**dim). On concrete arrays this is checked and raises; under
-    `jit` or `vmap` the values cannot be checked and a position p is encoded as the low `dim`
-    bits of its two's complement, i.e. as p mod 2**dim.
+    Positions must lie in [0, 2**dim). On concrete arrays (including constants a jitted
+    function closes over) this is checked and raises; traced values cannot be checked and a
+    position p is encoded as the low `dim` bits of its two's complement, i.e. as p mod 2**dim.
 
     Args:
       positions: integer array `[..., L]`.
@@ -165,8 +160,9 @@ def binary(positions, dim: int) -> jax.Array:
     """
     positions = _positions("positions", positions)
     dim = _checks.positive_int("dim", dim)
-    if _is_concrete(positions) and positions.size:
-        low, high = int(jnp.min(positions)), int(jnp.max(positions))
+    values = _checks.concrete(positions)  # NumPy: a jnp reduction would be traced under jit
+    if values is not None and values.size:
+        low, high = int(values.min()), int(values.max())
         if low < 0 or high >= 2**dim:
             raise ValueError(
                 f"positions must be in [0, 2**dim) = [0, {2**dim}) for dim={dim}; "
@@ -265,10 +261,13 @@ def learned_lookup(table, positions) -> jax.Array:
     """Gathers the rows of a learned position table: PE[..., l, :] = table[positions[..., l]].
 
     JAX's gather silently clamps out-of-range indices, which would give every position past
-    the end the last row. Here, on concrete `positions`, a position outside [0, max_len)
-    raises. Under `jit` or `vmap` the values cannot be checked: the caller must bound the
-    positions (the Transformer checks `max_len` against the static sequence length), and any
-    row that is out of range comes back as NaN rather than as a clamped row.
+    the end the last row. Here, on concrete `positions` (including constants a jitted function
+    closes over), a position outside [0, max_len) raises. Traced values cannot be checked: the
+    caller must bound them (the Transformer checks `max_len` against the static sequence
+    length), and a position out of range reads a row of NaN, never a clamped row. Only that
+    position's row is NaN; in `jpe.Transformer` the NaN then reaches exactly the tokens that
+    attend to it (later tokens of a decoder, every token of its segment in an encoder), since
+    `jpe.attention` keeps a NaN key or value out of rows that do not attend to it.
 
     Args:
       table: `[max_len, dim]` floating array (`learned_init`).
@@ -289,8 +288,9 @@ def learned_lookup(table, positions) -> jax.Array:
         )
     positions = _positions("positions", positions)
     max_len = table.shape[0]
-    if _is_concrete(positions) and positions.size:
-        low, high = int(jnp.min(positions)), int(jnp.max(positions))
+    values = _checks.concrete(positions)  # NumPy: a jnp reduction would be traced under jit
+    if values is not None and values.size:
+        low, high = int(values.min()), int(values.max())
         if low < 0 or high >= max_len:
             raise ValueError(
                 f"positions must be in [0, max_len) = [0, {max_len}); got values in [{low}, {high}]"
@@ -307,8 +307,9 @@ def combine(x, pe, *, mode: str = "add") -> jax.Array:
     concat: [x | pe] on the feature axis.
 
     `pe` is cast to `x.dtype` first, so a bfloat16 `x` stays bfloat16. `pe` must have the same
-    rank as `x` (its leading axes broadcast against x's) or be `[L, d]`, which is expanded over
-    x's leading axes explicitly.
+    rank as `x`, with leading axes that broadcast *to* x's (each equal to x's or 1: the result
+    keeps x's leading shape), or be `[L, d]`, which is expanded over x's leading axes
+    explicitly.
 
     Args:
       x: floating array `[..., L, D]`.
@@ -320,7 +321,7 @@ def combine(x, pe, *, mode: str = "add") -> jax.Array:
 
     Raises:
       ValueError: if `mode` is unknown, `x` or `pe` is not floating, their ranks or shapes do
-        not match as above.
+        not match as above (a `pe` leading axis that would enlarge x's included).
     """
     _checks.one_of("mode", mode, COMBINE_MODES)
     x, pe = jnp.asarray(x), jnp.asarray(pe)
@@ -335,17 +336,20 @@ def combine(x, pe, *, mode: str = "add") -> jax.Array:
             f"pe must have shape [L, d] or the rank of x ({x.ndim}), got shape {pe.shape}"
         )
     pe = pe.astype(x.dtype)
+    lead = x.shape[:-2]
+    if any(p not in (1, n) for p, n in zip(pe.shape[:-2], lead, strict=True)):
+        raise ValueError(
+            f"pe's leading axes {pe.shape[:-2]} must each equal x's {lead} or be 1 (the "
+            f"result keeps x's shape), got pe {pe.shape} for x {x.shape}"
+        )
     if mode == "concat":
         if pe.shape[-2] != x.shape[-2]:
             raise ValueError(f"pe must have x's length L = {x.shape[-2]}, got shape {pe.shape}")
-        lead = _checks.broadcastable(("x", "pe"), (x.shape[:-1], pe.shape[:-1]))
-        x = jnp.broadcast_to(x, lead + x.shape[-1:])
-        pe = jnp.broadcast_to(pe, lead + pe.shape[-1:])
+        pe = jnp.broadcast_to(pe, x.shape[:-1] + pe.shape[-1:])
         return jnp.concatenate([x, pe], axis=-1)
     if pe.shape[-2:] != x.shape[-2:]:
         raise ValueError(
             f"pe must end in x's [L, D] = {list(x.shape[-2:])} for mode={mode!r}, "
             f"got shape {pe.shape}"
         )
-    _checks.broadcastable(("x", "pe"), (x.shape, pe.shape))
     return x + pe if mode == "add" else x * pe

@@ -32,12 +32,15 @@ __all__ = [
     "ROPE_TYPES",
     "apply_axial_rope",
     "apply_rope",
+    "apply_rope_at_length",
     "apply_xpos",
     "permute_rope_weights",
     "rope_angles",
     "rope_cos_sin",
+    "rope_cos_sin_at_length",
     "rope_frequencies",
     "rope_permutation",
+    "xpos_max_position",
     "xpos_scale",
 ]
 
@@ -254,8 +257,9 @@ def rope_frequencies(
       `apply_rope` scales cos and sin.
 
     Raises:
-      ValueError: odd or non-positive `rotary_dim`, `base <= 1`, an unknown `rope_type`, missing,
-        unknown or invalid scaling keys, or a non-positive `seq_len`.
+      ValueError: odd or non-positive `rotary_dim` (or below 4 for `ntk` and `dynamic`),
+        `base <= 1`, an unknown `rope_type`, missing, unknown or invalid scaling keys, or a
+        non-positive `seq_len`.
 
     Example:
       >>> inv_freq, attn = rope_frequencies(
@@ -277,6 +281,12 @@ def rope_frequencies(
         return _default_inv_freq(rotary_dim, base), 1.0
 
     rope_type, p = _parse_scaling(scaling)
+    if rope_type in ("ntk", "dynamic") and rotary_dim < 4:
+        # base' = base * factor^(d / (d - 2)) is undefined at d = 2 (Hugging Face divides by 0).
+        raise ValueError(
+            f"rotary_dim must be >= 4 for rope_type={rope_type!r} (its base grows as "
+            f"factor ** (d / (d - 2))), got {rotary_dim}"
+        )
     if rope_type == "default":
         return _default_inv_freq(rotary_dim, base), 1.0
     if rope_type == "linear":
@@ -313,6 +323,22 @@ def _host_inv_freq(inv_freq) -> np.ndarray | None:
     return np.asarray(inv_freq, dtype=np.float64)
 
 
+def _positions(positions) -> jnp.ndarray:
+    """`positions` as a JAX array, after checking concrete values against int32 (an int64 or
+    uint32 array would otherwise wrap silently)."""
+    _checks.fits_int32("positions", positions)
+    return jnp.asarray(positions)
+
+
+def _floating(name: str, x: jnp.ndarray) -> jnp.ndarray:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"{name} must have a floating dtype (a rotation of integers is not an integer), "
+            f"got {x.dtype}"
+        )
+    return x
+
+
 def _check_inv_freq(inv_freq) -> None:
     if jnp.ndim(inv_freq) != 1 or jnp.shape(inv_freq)[0] < 1:
         raise ValueError(
@@ -336,10 +362,11 @@ def rope_angles(positions, inv_freq) -> jnp.ndarray:
       float32 `[..., L, n]`.
 
     Raises:
-      ValueError: `inv_freq` not one-dimensional, or `positions` neither integer nor floating.
+      ValueError: `inv_freq` not one-dimensional or not finite, `positions` neither integer nor
+        floating, or (concrete `positions`) a position outside the int32 range.
     """
     _check_inv_freq(inv_freq)
-    positions = jnp.asarray(positions)
+    positions = _positions(positions)
     if not (
         jnp.issubdtype(positions.dtype, jnp.integer)
         or jnp.issubdtype(positions.dtype, jnp.floating)
@@ -434,13 +461,125 @@ def apply_rope(
       `x` rotated, `[..., L, H, D]` (broadcast leading dims), in `x.dtype`.
 
     Raises:
-      ValueError: unknown `layout`, `2 * len(inv_freq) > D`, or mismatched shapes.
+      ValueError: unknown `layout`, `x` not floating, `2 * len(inv_freq) > D`, mismatched
+        shapes, or (concrete `positions`) a position outside the int32 range.
     """
     _checks.one_of("layout", layout, LAYOUTS)
     _check_inv_freq(inv_freq)
-    x, positions = jnp.asarray(x), jnp.asarray(positions)
+    x, positions = _floating("x", jnp.asarray(x)), _positions(positions)
     rank = _align(x, positions, 1, 2 * jnp.shape(inv_freq)[0])
     cos, sin = rope_cos_sin(positions, inv_freq, attention_factor=attention_factor)
+    cos, sin = (_to_rank(t[..., None, :], rank) for t in (cos, sin))
+    return _rotate(_to_rank(x, rank), cos, sin, layout)
+
+
+LENGTH_DEPENDENT = ("dynamic", "longrope")
+
+
+def _original_length(p: dict) -> int:
+    return _checks.positive_int(
+        "scaling['original_max_position_embeddings']", p["original_max_position_embeddings"]
+    )
+
+
+def rope_cos_sin_at_length(
+    positions,
+    seq_len,
+    rotary_dim: int,
+    *,
+    base: float = 10000.0,
+    scaling: Mapping | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`(cos, sin)` `[..., L, rotary_dim // 2]` for a scaling that reads the sequence length,
+    with `seq_len` an integer array that may be traced (one length per row).
+
+    `dynamic` and `longrope` choose their frequencies from the sequence length. Hugging Face
+    reads it from the positions at run time (`dynamic_rope_update`: seq_len = max position + 1);
+    `rope_frequencies` needs it static. Here it is data, so one jitted function serves every
+    length and a padded, packed or decoding batch can give each row its own:
+
+    - `longrope`: both frequency sets are host constants (exact angles); each row takes
+      `long_factor` where seq_len > original_max_position_embeddings, else `short_factor`.
+    - `dynamic`: theta_i' = theta_i alpha^(-2i / (d - 2)), alpha = 1 + factor (L' - L) / L,
+      L' = max(seq_len, L), the `dynamic` entry of `rope_frequencies` in closed form. The angle
+      is the exact p theta_i (host constants) minus p theta_i (1 - alpha^(-2i / (d - 2))) in
+      float32, so it is exact while seq_len <= L and the highest frequency (i = 0) is always
+      exact. Past L the second term carries float32's error, as Hugging Face's float32
+      frequencies do: about |p theta_i'| |ln alpha| 1e-7 rad (measured: 1.5e-3 rad at
+      p = 123,457 with alpha = 1e5, 2e-2 rad at p = 2^20).
+    - every other scaling ignores `seq_len` and equals `rope_cos_sin(positions,
+      *rope_frequencies(...))`.
+
+    Args:
+      positions: `[..., L]` integer positions.
+      seq_len: integer scalar or `[...]` (the leading axes of `positions`), the sequence length
+        each row's frequencies follow; Hugging Face's choice is max(position) + 1.
+      rotary_dim, base, scaling: as in `rope_frequencies`.
+
+    Returns:
+      float32 `(cos, sin)`, each scaled by the scaling's attention factor.
+
+    Raises:
+      ValueError: as `rope_frequencies` and `rope_angles`, or a `seq_len` that is not an
+        integer array matching the leading axes of `positions`.
+    """
+    positions = _positions(positions)
+    seq_len = _checks.integer_array("seq_len", seq_len)
+    if seq_len.ndim and seq_len.shape != positions.shape[:-1]:
+        raise ValueError(
+            f"seq_len must be a scalar or have the leading shape of positions "
+            f"{positions.shape[:-1]}, got shape {seq_len.shape}"
+        )
+    rope_type = None if scaling is None else _parse_scaling(scaling)[0]
+    inv_freq, attention_factor = rope_frequencies(rotary_dim, base=base, scaling=scaling)
+    if rope_type not in LENGTH_DEPENDENT:
+        return rope_cos_sin(positions, inv_freq, attention_factor=attention_factor)
+    p = _parse_scaling(scaling)[1]
+    original = _original_length(p)
+    # seq_len [...] -> [..., 1, 1], to meet angles [..., L, n]
+    length = seq_len.astype(jnp.int32).reshape(
+        positions.shape[:-1] + (1, 1) if seq_len.ndim else (1,) * (positions.ndim + 1)
+    )
+    angles = rope_angles(positions, inv_freq)
+    if rope_type == "longrope":
+        long_freq, _ = rope_frequencies(
+            rotary_dim, base=base, scaling=scaling, seq_len=original + 1
+        )
+        angles = jnp.where(length > original, rope_angles(positions, long_freq), angles)
+    else:
+        factor = _checks.positive_float("scaling['factor']", p["factor"])
+        excess = jnp.maximum(length - original, 0).astype(jnp.float32)
+        log_alpha = jnp.log1p(jnp.float32(factor / original) * excess)
+        exponent = np.arange(0, rotary_dim, 2, dtype=np.float64) / (rotary_dim - 2)
+        shape = (1,) * positions.ndim + (-1,)
+        exponent = jnp.asarray(exponent.reshape(shape), jnp.float32)
+        theta = jnp.asarray(inv_freq.reshape(shape), jnp.float32)
+        slower = theta * -jnp.expm1(-exponent * log_alpha)  # theta_i - theta_i'
+        angles = angles - positions.astype(jnp.float32)[..., None] * slower
+    return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
+
+
+def apply_rope_at_length(
+    x,
+    positions,
+    seq_len,
+    rotary_dim: int,
+    *,
+    base: float = 10000.0,
+    scaling: Mapping | None = None,
+    layout: str = "half",
+) -> jnp.ndarray:
+    """`apply_rope` with the frequencies a sequence of `seq_len` gets (`dynamic`, `longrope`),
+    `seq_len` an integer array that may be traced; see `rope_cos_sin_at_length`.
+
+    Raises:
+      ValueError: as `apply_rope` and `rope_cos_sin_at_length`.
+    """
+    _checks.one_of("layout", layout, LAYOUTS)
+    rotary_dim = _checks.positive_int("rotary_dim", rotary_dim, minimum=2)
+    x, positions = _floating("x", jnp.asarray(x)), _positions(positions)
+    rank = _align(x, positions, 1, rotary_dim)
+    cos, sin = rope_cos_sin_at_length(positions, seq_len, rotary_dim, base=base, scaling=scaling)
     cos, sin = (_to_rank(t[..., None, :], rank) for t in (cos, sin))
     return _rotate(_to_rank(x, rank), cos, sin, layout)
 
@@ -466,7 +605,7 @@ def apply_axial_rope(x, positions, inv_freqs: Sequence, *, layout: str = "half")
       ValueError: as `apply_rope`, or when `positions.shape[-1] != len(inv_freqs)`.
     """
     _checks.one_of("layout", layout, LAYOUTS)
-    x, positions = jnp.asarray(x), jnp.asarray(positions)
+    x, positions = _floating("x", jnp.asarray(x)), _positions(positions)
     if positions.ndim < 2 or positions.shape[-1] != len(inv_freqs) or not inv_freqs:
         raise ValueError(
             f"positions must have shape [..., L, A] with A = len(inv_freqs) = {len(inv_freqs)} "
@@ -488,29 +627,68 @@ def apply_axial_rope(x, positions, inv_freqs: Sequence, *, layout: str = "half")
 # --------------------------------------------------------------------------------------------
 
 
+# |exponent| of an xPos scale: exp(80) = 5.5e34 leaves float32 (max 3.4e38) room for the
+# features it multiplies, and exp(-80) is still a normal float32.
+XPOS_MAX_EXPONENT = 80.0
+
+
+def _xpos_log_zeta(rotary_dim: int, gamma: float) -> np.ndarray:
+    zeta = (np.arange(0, rotary_dim, 2, dtype=np.float64) + gamma * rotary_dim) / (
+        (1 + gamma) * rotary_dim
+    )
+    return np.log(zeta)
+
+
+def xpos_max_position(rotary_dim: int, *, scale_base: float = 512.0, gamma: float = 0.4) -> int:
+    """The largest |position| (measured from the anchor) whose xPos scales stay finite.
+
+    Every scale zeta_i^(p / scale_base) lies in [exp(-80), exp(80)] for |p| up to
+    80 * scale_base / ln(1 / zeta_0): 32,695 at d = 128 (any d, in fact: zeta_0 = gamma /
+    (1 + gamma)), scale_base 512, gamma 0.4. Not far past it (exp(88.7)) the key scales
+    overflow float32 to inf, the query scales underflow, and the logits turn NaN.
+    """
+    rotary_dim = _checks.positive_int("rotary_dim", rotary_dim, minimum=2)
+    scale_base = _checks.positive_float("scale_base", scale_base)
+    gamma = _checks.positive_float("gamma", gamma)
+    worst = float(np.max(np.abs(_xpos_log_zeta(rotary_dim, gamma))))
+    return int(XPOS_MAX_EXPONENT * scale_base / worst) if worst > 0 else _checks.INT32_MAX
+
+
 def xpos_scale(positions, rotary_dim: int, *, scale_base: float = 512.0, gamma: float = 0.4):
     """xPos per-pair scales zeta_i^(p / scale_base), float32 `[..., L, rotary_dim // 2]`.
 
     zeta_i = (2i + gamma d) / ((1 + gamma) d), i = 0 .. d/2 - 1 (Sun et al. 2022,
-    arXiv 2212.10554, eq. 9; torchscale `XPOS` with gamma = 0.4). Computed as
-    exp(p ln(zeta_i) / scale_base): |p| / scale_base beyond about 88 / ln(1/zeta_0) (70 at
-    d = 128) over- or underflows float32, so shift long sequences' positions towards 0 (the
-    scores depend only on differences); torchscale centres them the same way.
+    arXiv 2212.10554, eq. 9; torchscale `XPOS` with gamma = 0.4), computed as
+    exp(p ln(zeta_i) / scale_base). Only differences of positions reach the logits, so pass
+    positions measured from an anchor (`apply_xpos`'s `anchor`; torchscale centres them the
+    same way): |p| must stay within `xpos_max_position` (32,695 with the defaults), beyond
+    which the scales over- or underflow float32.
 
     Raises:
-      ValueError: odd or non-positive `rotary_dim`, non-positive `scale_base` or `gamma`.
+      ValueError: odd or non-positive `rotary_dim`, non-positive `scale_base` or `gamma`, or
+        (concrete `positions` only) a |position| above `xpos_max_position`. Under `jit` the
+        values are not checked and such positions give inf or NaN.
     """
     rotary_dim = _checks.positive_int("rotary_dim", rotary_dim, minimum=2)
     if rotary_dim % 2:
         raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
     scale_base = _checks.positive_float("scale_base", scale_base)
     gamma = _checks.positive_float("gamma", gamma)
-    positions = jnp.asarray(positions)
-    zeta = (np.arange(0, rotary_dim, 2, dtype=np.float64) + gamma * rotary_dim) / (
-        (1 + gamma) * rotary_dim
-    )
-    log_zeta = jnp.asarray((np.log(zeta) / scale_base).reshape((1,) * positions.ndim + (-1,)))
-    return jnp.exp(positions.astype(jnp.float32)[..., None] * log_zeta.astype(jnp.float32))
+    positions = _positions(positions)
+    values = _checks.concrete(positions)
+    if values is not None and values.size:
+        limit = xpos_max_position(rotary_dim, scale_base=scale_base, gamma=gamma)
+        high = float(np.max(np.abs(values.astype(np.float64))))
+        if high > limit:
+            raise ValueError(
+                f"positions must lie within +-{limit} of the anchor for xPos (rotary_dim "
+                f"{rotary_dim}, scale_base {scale_base}): its scales overflow float32 beyond; "
+                f"got |position| up to {high:.0f}. Measure positions from an anchor (apply_xpos's "
+                "`anchor`), or raise scale_base."
+            )
+    log_zeta = _xpos_log_zeta(rotary_dim, gamma) / scale_base
+    log_zeta = jnp.asarray(log_zeta.reshape((1,) * positions.ndim + (-1,)), jnp.float32)
+    return jnp.exp(positions.astype(jnp.float32)[..., None] * log_zeta)
 
 
 def apply_xpos(
@@ -522,31 +700,52 @@ def apply_xpos(
     scale_base: float = 512.0,
     gamma: float = 0.4,
     layout: str = "half",
+    anchor=None,
 ) -> jnp.ndarray:
     """xPos (Sun et al. 2022, arXiv 2212.10554): RoPE times a per-pair exponential scale.
 
-    Queries are multiplied by zeta^(n / scale_base) and keys by zeta^(-m / scale_base), so each
-    pair's contribution to q_n . k_m gains zeta_i^((n - m) / scale_base): it decays with distance
-    and stays a function of n - m. The pair norms scale by exactly that factor.
+    Queries are multiplied by zeta^((n - a) / scale_base) and keys by zeta^(-(m - a) /
+    scale_base), so each pair's contribution to q_n . k_m gains zeta_i^((n - m) / scale_base):
+    it decays with distance and stays a function of n - m, whatever the anchor a. The anchor
+    only keeps the separate scales finite: every |p - a| must stay within `xpos_max_position`
+    (32,695 with the defaults). The rotation itself uses the positions as they are.
 
     Args:
       x: `[..., L, H, D]` queries (`is_key=False`) or keys (`is_key=True`).
-      positions: `[..., L]`; see `xpos_scale` on centring long sequences.
+      positions: `[..., L]` integer positions.
       inv_freq: `[n]`, as in `apply_rope`.
       is_key: keys use the reciprocal scale.
       scale_base, gamma: xPos's constants (512 and 0.4 in torchscale).
       layout: as in `apply_rope` (torchscale uses `"interleaved"`).
+      anchor: integer scalar or `[...]` (one per row of `positions`), the same for the queries
+        and the keys that meet them (a decoder keeps it with its cache); default 0.
 
     Returns:
       `x` scaled and rotated, in `x.dtype`.
+
+    Raises:
+      ValueError: as `apply_rope` and `xpos_scale`, or an `anchor` that is not an integer
+        array matching the leading axes of `positions`.
     """
     _checks.one_of("layout", layout, LAYOUTS)
     _check_inv_freq(inv_freq)
-    x, positions = jnp.asarray(x), jnp.asarray(positions)
+    x, positions = _floating("x", jnp.asarray(x)), _positions(positions)
     rotary_dim = 2 * jnp.shape(inv_freq)[0]
     rank = _align(x, positions, 1, rotary_dim)
+    relative = positions
+    if anchor is not None:
+        anchor = _checks.integer_array("anchor", anchor)
+        if anchor.ndim and anchor.shape != positions.shape[:-1]:
+            raise ValueError(
+                f"anchor must be a scalar or have the leading shape of positions "
+                f"{positions.shape[:-1]}, got shape {anchor.shape}"
+            )
+        anchor = anchor.astype(jnp.int32).reshape(
+            positions.shape[:-1] + (1,) if anchor.ndim else (1,) * positions.ndim
+        )
+        relative = positions.astype(jnp.int32) - anchor
     scale = xpos_scale(
-        -positions if is_key else positions, rotary_dim, scale_base=scale_base, gamma=gamma
+        -relative if is_key else relative, rotary_dim, scale_base=scale_base, gamma=gamma
     )
     cos, sin = rope_cos_sin(positions, inv_freq)
     cos, sin = (_to_rank((t * scale)[..., None, :], rank) for t in (cos, sin))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from jpe.encodings import _checks
+from jpe.encodings import _checks, relative, rotary
 from jpe.encodings.absolute import COMBINE_MODES
 from jpe.encodings.rotary import LAYOUTS
 
@@ -114,6 +114,38 @@ class TransformerConfig:
             raise ValueError(
                 f"rotary_fraction {self.rotary_fraction} of head_dim {self.head_dim} leaves "
                 "fewer than 2 rotated features"
+            )
+        self._check_encodings()
+
+    def _check_encodings(self):
+        """The encodings' settings, checked now by the pure functions that will read them."""
+        if self.rope_scaling is not None and self.pe == "xpos":
+            raise ValueError(
+                "rope_scaling does not apply to pe='xpos' (xPos rotates with plain RoPE "
+                "frequencies); set rope_scaling=None or use pe='rope'"
+            )
+        try:
+            rotary.rope_frequencies(self.rotary_dim, base=self.rope_base, scaling=self.scaling)
+        except ValueError as error:
+            raise ValueError(
+                f"invalid rope settings (rope_base={self.rope_base}, rope_scaling="
+                f"{self.scaling}, rotary_dim={self.rotary_dim}): {error}"
+            ) from None
+        try:
+            relative._t5_check(self.t5_num_buckets, self.t5_max_distance, not self.causal)
+        except ValueError as error:
+            raise ValueError(
+                f"invalid T5 settings (t5_num_buckets={self.t5_num_buckets}, t5_max_distance="
+                f"{self.t5_max_distance}, causal={self.causal}): {error}"
+            ) from None
+        _checks.positive_float("xpos_scale_base", self.xpos_scale_base)
+        _checks.positive_int("shaw_max_distance", self.shaw_max_distance)
+        _checks.positive_int("fire_hidden", self.fire_hidden)
+        _checks.positive_int("dpb_hidden", self.dpb_hidden)
+        if self.pe == "sandwich" and self.head_dim % 2:
+            raise ValueError(
+                f"pe='sandwich' needs an even head_dim (its sinusoids are one head wide), got "
+                f"d_model / num_heads = {self.head_dim}"
             )
 
     @property

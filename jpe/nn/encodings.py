@@ -4,7 +4,8 @@ Every encoding is an `Encoding` with up to three hooks, and the Transformer neve
 one it has:
 
 - `embed(x, positions)`: absolute encodings combine their table with the token embeddings;
-- `rotate(x, positions, is_key=...)`: rotary encodings turn queries and keys;
+- `rotate(x, positions, is_key=..., seq_len=..., anchor=...)`: rotary encodings turn queries
+  and keys;
 - `bias(q_positions, k_positions[, q])`: relative encodings give `[B, H, bq, bk]` for one
   attention block (with the query block when `bias_takes_query`), plus `value` for Shaw et al.'s
   relative value embeddings.
@@ -68,10 +69,24 @@ class Encoding(nnx.Module):
         return x
 
     def rotate(
-        self, x: jax.Array, positions: jax.Array, *, is_key: bool, seq_len: int
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        *,
+        is_key: bool,
+        seq_len: jax.Array,
+        anchor: jax.Array,
     ) -> jax.Array:
-        """`x` `[B, L, H, D]` turned by `positions` `[B, L]`; `seq_len` is the number of keys in
-        view (static), which dynamic RoPE scalings read."""
+        """`x` `[B, L, H, D]` turned by `positions` `[B, L]`.
+
+        The Transformer also passes, per row (int32 `[B]`, traced under `jit`):
+          seq_len: the largest position in view plus one (the forward pass's positions, or a
+            decoder's cache and new tokens), as Hugging Face's dynamic RoPE scalings read it;
+            the same in a forward pass and in a prefill of the same tokens.
+          anchor: a position shared by every query and key of the row (the smallest position
+            of the forward pass or of the prefill, kept in the cache), for encodings that
+            must measure positions from nearby to stay finite (xPos).
+        """
         return x
 
     def bias(self, q_positions, k_positions, q=None) -> jax.Array:
@@ -148,42 +163,50 @@ class Binary(_Absolute):
         return self.proj(absolute.binary(positions, self.config.binary_bits))
 
 
-def _rope_tables(config: TransformerConfig, seq_len: int):
-    return rotary.rope_frequencies(
-        config.rotary_dim, base=config.rope_base, scaling=config.scaling, seq_len=seq_len
-    )
-
-
 class RoPE(Encoding):
     """Rotary encoding (Su et al. 2021), with the config's scaling, layout and partial rotation.
 
-    `dynamic` and `longrope` scalings read the sequence length, which is static under `jit`: the
-    number of keys in view (the cache length when decoding).
+    `dynamic` and `longrope` scalings read the sequence length as Hugging Face does, from the
+    positions: each row's largest position in view plus one (`rotary.apply_rope_at_length`).
+    A forward pass, a padded forward pass and a prefill of the same tokens therefore agree
+    whatever the padding or the cache capacity. Keys are cached already turned, so a decoder
+    that grows past `original_max_position_embeddings` token by token keeps the earlier keys'
+    frequencies, as Hugging Face's cache does, and then differs from one forward pass over the
+    whole sequence.
     """
 
-    def rotate(self, x, positions, *, is_key, seq_len):
-        inv_freq, attention_factor = _rope_tables(self.config, seq_len)
-        return rotary.apply_rope(
+    def rotate(self, x, positions, *, is_key, seq_len, anchor):
+        c = self.config
+        return rotary.apply_rope_at_length(
             x,
             positions,
-            inv_freq,
-            layout=self.config.rope_layout,
-            attention_factor=attention_factor,
+            seq_len,
+            c.rotary_dim,
+            base=c.rope_base,
+            scaling=c.scaling,
+            layout=c.rope_layout,
         )
 
 
 class XPos(Encoding):
-    """xPos (Sun et al. 2022): RoPE with a per-pair exponential decay in distance."""
+    """xPos (Sun et al. 2022): RoPE with a per-pair exponential decay in distance.
 
-    def rotate(self, x, positions, *, is_key, seq_len):
-        inv_freq, _ = _rope_tables(self.config.replace(rope_scaling=None), seq_len)
+    Scales are measured from the row's anchor (its first position), so only distances within
+    `rotary.xpos_max_position` of it (32,695 with the defaults) stay finite: longer spans raise
+    on concrete positions, and give inf or NaN under `jit`. `rope_scaling` does not apply.
+    """
+
+    def rotate(self, x, positions, *, is_key, seq_len, anchor):
+        c = self.config
+        inv_freq, _ = rotary.rope_frequencies(c.rotary_dim, base=c.rope_base)
         return rotary.apply_xpos(
             x,
             positions,
             inv_freq,
             is_key=is_key,
-            scale_base=self.config.xpos_scale_base,
-            layout=self.config.rope_layout,
+            scale_base=c.xpos_scale_base,
+            layout=c.rope_layout,
+            anchor=anchor,
         )
 
 
@@ -219,17 +242,25 @@ class T5Bias(_Bias):
 
 
 class Kerple(_Bias):
-    """KERPLE (Chi et al. 2022): per-head r1, r2, kept >= 0.01 as in the reference code
-    (and r2 <= 2 for the power kernel)."""
+    """KERPLE (Chi et al. 2022, arXiv 2205.09921): per-head r1, r2, kept >= 0.01 as in the
+    reference code (and r2 <= 2 for the power kernel).
+
+    log:   bias = -r1 log(1 + r2 |m - n|),  r1 ~ U(0, 2) (the scale), r2 ~ U(0, 1);
+    power: bias = -r1 |m - n|^r2,           r1 ~ U(0, 1) (the scale), r2 ~ U(0, 2) (the
+    exponent, 0 < r2 <= 2). These are chijames/KERPLE's initialisations: its log kernel
+    -p log(1 + a d) draws p ~ U(0, 2) and a ~ U(0, 1), its power kernel -a d^p the same p and
+    a, so the scale and the exponent trade places between the two kinds.
+    """
 
     _EPS = 0.01
 
     def __init__(self, config, *, rngs):
         super().__init__(config, rngs=rngs)
         k1, k2 = jax.random.split(rngs.params())
-        # chijames/KERPLE initialises r1 ~ U(0, 2) and r2 ~ U(0, 1).
-        self.r1 = nnx.Param(jax.random.uniform(k1, (config.num_heads,), minval=0.0, maxval=2.0))
-        self.r2 = nnx.Param(jax.random.uniform(k2, (config.num_heads,), minval=0.0, maxval=1.0))
+        r1_max, r2_max = (2.0, 1.0) if config.kerple_kind == "log" else (1.0, 2.0)
+        heads = (config.num_heads,)
+        self.r1 = nnx.Param(jax.random.uniform(k1, heads, minval=0.0, maxval=r1_max))
+        self.r2 = nnx.Param(jax.random.uniform(k2, heads, minval=0.0, maxval=r2_max))
 
     def bias(self, q_positions, k_positions, q=None):
         r1 = jnp.maximum(self.r1[...], self._EPS)
@@ -243,7 +274,10 @@ class Sandwich(_Bias):
     """Sandwich (Chi et al. 2023): the inner product of sinusoidal embeddings, parameter-free."""
 
     def bias(self, q_positions, k_positions, q=None):
-        return relative.sandwich_bias(q_positions, k_positions, self.config.num_heads)
+        # The sinusoids are one head wide, as NeMo's `hidden_size // num_attention_heads`.
+        return relative.sandwich_bias(
+            q_positions, k_positions, self.config.num_heads, dim=self.config.head_dim
+        )
 
 
 class FIRE(_Bias):
@@ -327,7 +361,7 @@ class TransformerXL(_Bias):
         self.u = nnx.Param(jnp.zeros((c.num_heads, c.head_dim)))
         self.v = nnx.Param(jnp.zeros((c.num_heads, c.head_dim)))
 
-    def rotate(self, x, positions, *, is_key, seq_len):
+    def rotate(self, x, positions, *, is_key, seq_len, anchor):
         return x if is_key else x + self.u[...].astype(x.dtype)[None, None]
 
     def bias(self, q_positions, k_positions, q=None):

@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jpe.attention import attention
@@ -44,15 +45,16 @@ class Attention(nnx.Module):
         self.v = dense(c.d_model, c.kv_heads * c.head_dim)
         self.o = dense(c.num_heads * c.head_dim, c.d_model)
 
-    def __call__(self, x, encoding: Encoding, positions, segment_ids, cache=None, index=None):
+    def __call__(
+        self, x, encoding: Encoding, positions, segment_ids, context, cache=None, index=None
+    ):
         c = self.config
         batch, length, _ = x.shape
         q = self.q(x).reshape(batch, length, c.num_heads, c.head_dim)
         k = self.k(x).reshape(batch, length, c.kv_heads, c.head_dim)
         v = self.v(x).reshape(batch, length, c.kv_heads, c.head_dim)
-        seq_len = length if cache is None else cache["k"].shape[1]
-        q = encoding.rotate(q, positions, is_key=False, seq_len=seq_len)
-        k = encoding.rotate(k, positions, is_key=True, seq_len=seq_len)
+        q = encoding.rotate(q, positions, is_key=False, **context)
+        k = encoding.rotate(k, positions, is_key=True, **context)
         if cache is None:
             k_positions, k_segments, kv_mask = positions, segment_ids, None
             new_cache = None
@@ -95,8 +97,10 @@ class Block(nnx.Module):
         self.up = nnx.Linear(c.d_model, hidden, dtype=_dtype(c), rngs=rngs)
         self.down = nnx.Linear(hidden, c.d_model, dtype=_dtype(c), rngs=rngs)
 
-    def __call__(self, x, encoding, positions, segment_ids, cache=None, index=None):
-        h, new_cache = self.attn(self.norm1(x), encoding, positions, segment_ids, cache, index)
+    def __call__(self, x, encoding, positions, segment_ids, context, cache=None, index=None):
+        h, new_cache = self.attn(
+            self.norm1(x), encoding, positions, segment_ids, context, cache, index
+        )
         x = x + h
         x = x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
         return x, new_cache
@@ -137,10 +141,19 @@ class Transformer(nnx.Module):
         tokens = _checks.integer_array("tokens", tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape [B, L], got {tokens.shape}")
+        values = _checks.concrete(tokens)
+        if values is not None and values.size:
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"tokens must be in [0, vocab_size) = [0, {self.config.vocab_size}); got "
+                    f"values in [{low}, {high}]"
+                )
         batch, length = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         positions = _checks.integer_array("positions", positions)
+        self._check_max_len(positions)  # before any jnp op, which would trace a constant
         if positions.ndim == 1:
             positions = positions[None, :]
         if positions.shape[-1] != length or positions.shape[0] not in (1, batch):
@@ -155,7 +168,6 @@ class Transformer(nnx.Module):
             raise ValueError(
                 f"segment_ids must have shape [{batch}, {length}], got {segment_ids.shape}"
             )
-        self._check_max_len(positions)
         return tokens, positions, segment_ids
 
     def _check_max_len(self, positions):
@@ -163,15 +175,17 @@ class Transformer(nnx.Module):
         if self.config.pe != "learned":
             return
         max_len = self.config.max_len
-        if isinstance(positions, jax.core.Tracer):
+        values = _checks.concrete(positions)
+        if values is None or not values.size:
             # Values are unknown under jit; positions >= max_len read NaN rows (never a clamped
             # row). The static length is checked where `positions` defaulted to arange.
             return
-        high = int(jnp.max(positions))
-        if high >= max_len or int(jnp.min(positions)) < 0:
+        low, high = int(values.min()), int(values.max())
+        if high >= max_len or low < 0:
             raise ValueError(
-                f"positions must be in [0, max_len) = [0, {max_len}) for pe='learned'; got a "
-                f"maximum of {high}. Raise TransformerConfig.max_len or use a relative encoding."
+                f"positions must be in [0, max_len) = [0, {max_len}) for pe='learned'; got "
+                f"values in [{low}, {high}]. Raise TransformerConfig.max_len or use a relative "
+                "encoding."
             )
 
     def _embed(self, tokens, positions):
@@ -195,9 +209,10 @@ class Transformer(nnx.Module):
             padding should get a segment of its own (0). Default: one segment.
 
         Raises:
-          ValueError: bad shapes or dtypes; for `pe="learned"`, a position >= max_len (from
-            the static length when `positions` is None, from the values when they are
-            concrete).
+          ValueError: bad shapes or dtypes; token ids outside [0, vocab_size) when concrete
+            (under `jit` they are not checked: an id >= vocab_size embeds as NaN, a negative
+            one wraps around); for `pe="learned"`, a position >= max_len (from the static
+            length when `positions` is None, from the values when they are concrete).
         """
         if positions is None and self.config.pe == "learned":
             length = jnp.shape(tokens)[-1]
@@ -207,33 +222,58 @@ class Transformer(nnx.Module):
                     "learned position table"
                 )
         tokens, positions, segment_ids = self._inputs(tokens, positions, segment_ids)
+        context = {"seq_len": positions.max(axis=1) + 1, "anchor": positions.min(axis=1)}
         x = self._embed(tokens, positions)
         for block in self.blocks:
-            x, _ = block(x, self.encoding, positions, segment_ids)
+            x, _ = block(x, self.encoding, positions, segment_ids, context)
         return self._output(x)
 
     def decode(self, tokens, cache: dict, positions=None, segment_ids=None):
         """Runs `tokens` `[B, T]` against a KV cache; returns `(logits [B, T, V], cache)`.
 
         Prefill with T = the prompt length, then decode with T = 1. Positions default to the
-        cache's next position per row; segment ids to 1.
+        cache's next position per row; segment ids to 1. The first call (an empty cache) fixes
+        each row's anchor (its smallest position), which later calls reuse.
+
+        Raises:
+          ValueError: as `__call__`, or T tokens that do not fit in the cache: T > its
+            capacity, or (index concrete) index + T > capacity. Under `jit` only the first is
+            checked, and writing past the end would overwrite the last slots.
         """
+        if jnp.ndim(tokens) != 2:
+            raise ValueError(f"tokens must have shape [B, T], got {jnp.shape(tokens)}")
         batch, length = jnp.shape(tokens)
+        if cache["positions"].shape[0] != batch:
+            raise ValueError(
+                f"tokens have {batch} rows but the cache holds {cache['positions'].shape[0]} "
+                "(init_cache's batch)"
+            )
+        capacity = cache["positions"].shape[1]
+        index = cache["index"]
+        filled = _checks.concrete(index)
+        if length > capacity or (filled is not None and int(filled) + length > capacity):
+            held = "" if filled is None else f" already holding {int(filled)}"
+            raise ValueError(
+                f"tokens ({length}) do not fit in the KV cache of capacity {capacity}{held}; "
+                "make the cache longer (init_cache's max_len)"
+            )
         if positions is None:
             positions = cache["next_position"][:, None] + jnp.arange(length, dtype=jnp.int32)[None]
         tokens, positions, segment_ids = self._inputs(tokens, positions, segment_ids)
-        index = cache["index"]
         update = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), index, 1)
         shared = {
             "positions": update(cache["positions"], positions),
             "segments": update(cache["segments"], segment_ids),
             "valid": update(cache["valid"], jnp.ones((batch, length), bool)),
         }
+        in_view = jnp.where(shared["valid"], shared["positions"], _checks.INT32_MIN)
+        anchor = jnp.where(index == 0, positions.min(axis=1), cache["anchor"])
+        context = {"seq_len": in_view.max(axis=1) + 1, "anchor": anchor}
         x = self._embed(tokens, positions)
         layers = []
         for block, layer in zip(self.blocks, cache["layers"], strict=True):
             x, new_layer = block(
-                x, self.encoding, positions, segment_ids, {**layer, **shared}, index
+                x, self.encoding, positions, segment_ids, context, {**layer, **shared}, index
             )
             layers.append(new_layer)
         new_cache = {
@@ -241,6 +281,7 @@ class Transformer(nnx.Module):
             "layers": layers,
             "index": index + length,
             "next_position": positions[:, -1] + 1,
+            "anchor": anchor,
         }
         return self._output(x), new_cache
 
@@ -261,6 +302,7 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) 
         "valid": jnp.zeros((batch, max_len), bool),
         "index": jnp.zeros((), jnp.int32),
         "next_position": jnp.zeros((batch,), jnp.int32),
+        "anchor": jnp.zeros((batch,), jnp.int32),
     }
 
 
@@ -278,6 +320,12 @@ def generate(
     `temperature == 0` is greedy; otherwise tokens are drawn from softmax(logits / temperature)
     with `rng`. `prompt_mask` `[B, P]` marks real tokens of left-padded prompts (padding gets
     segment 0 and no position). Each step is jitted once and reused.
+
+    Raises:
+      ValueError: an encoder config, `prompt` not an integer `[B, P]` array (or, concrete,
+        holding ids outside [0, vocab_size)), a `prompt_mask` of another shape or (concrete)
+        not left-padded, a bad `num_tokens` or `temperature`, or `temperature > 0` without
+        `rng`.
     """
     if not model.config.causal:
         raise ValueError("generate needs a decoder: TransformerConfig(causal=True)")
@@ -286,8 +334,30 @@ def generate(
     if temperature > 0 and rng is None:
         raise ValueError("rng is required when temperature > 0")
     prompt = _checks.integer_array("prompt", prompt)
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(
+            f"prompt must have shape [B, P] (a batch of token rows, P >= 1), got shape "
+            f"{prompt.shape}; add a batch axis with prompt[None]"
+        )
     batch, plen = prompt.shape
-    mask = jnp.ones((batch, plen), bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
+    if prompt_mask is None:
+        mask = jnp.ones((batch, plen), bool)
+    else:
+        mask = jnp.asarray(prompt_mask)
+        if mask.shape != prompt.shape or not (
+            mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"prompt_mask must be a boolean [B, P] = {list(prompt.shape)} array, got "
+                f"{mask.dtype} with shape {mask.shape}"
+            )
+        mask = mask != 0
+        values = _checks.concrete(mask)
+        if values is not None and np.any(values[:, :-1] & ~values[:, 1:]):
+            raise ValueError(
+                "prompt_mask must mark left-padded prompts (padding, then real tokens); a "
+                "real token followed by padding would be generated after"
+            )
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     segments = mask.astype(jnp.int32)
     graphdef, state = nnx.split(model)
@@ -297,8 +367,10 @@ def generate(
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
+    # Data are arguments, not closed-over constants: one compilation serves every prompt of
+    # this shape, and the model's checks see tracers rather than baked-in values.
     @jax.jit
-    def prefill(state, cache):
+    def prefill(state, cache, prompt, positions, segments):
         logits, cache = nnx.merge(graphdef, state).decode(prompt, cache, positions, segments)
         return logits[:, -1], cache
 
@@ -307,8 +379,17 @@ def generate(
         logits, cache = nnx.merge(graphdef, state).decode(token[:, None], cache)
         return logits[:, -1], cache
 
+    if model.config.pe == "learned":
+        known = _checks.concrete(positions)
+        last = (plen if known is None else int(known.max()) + 1) + num_tokens - 1
+        if last >= model.config.max_len:
+            raise ValueError(
+                f"generating {num_tokens} tokens after this prompt reaches position {last}, "
+                f"past max_len {model.config.max_len} of the learned position table"
+            )
+    model._inputs(prompt, positions, segments)  # concrete checks (token ids), before jit
     cache = init_cache(model.config, batch, plen + num_tokens)
-    logits, cache = prefill(state, cache)
+    logits, cache = prefill(state, cache, prompt, positions, segments)
     keys = jax.random.split(rng if rng is not None else jax.random.PRNGKey(0), num_tokens)
     out = []
     for i in range(num_tokens):
