@@ -40,9 +40,13 @@ def _blocks(x: jnp.ndarray, block: int, fill) -> jnp.ndarray:
     return jnp.moveaxis(x, 1, 0)
 
 
-def _batched(name: str, x, batch: int, length: int, default, kind: str = "int") -> jnp.ndarray:
+def _batched(
+    name: str, x, batch: int, length: int, default, kind: str = "int", *, share: bool = False
+) -> jnp.ndarray:
     """`x` `[L]` or `[B, L]` (or None for `default`) as `[B, L]`; `kind` "int" needs an integer
-    dtype, "mask" a boolean or integer one."""
+    dtype, "mask" a boolean or integer one. With `share`, `[L]` and `[1, L]` stay `[1, L]`, so
+    whatever is computed from them (biases, masks) is computed once for the whole batch and
+    broadcast."""
     if x is None:
         x = default
     elif kind == "int":
@@ -55,6 +59,8 @@ def _batched(name: str, x, batch: int, length: int, default, kind: str = "int") 
         x = x[None, :]
     if x.ndim != 2 or x.shape[1] != length or x.shape[0] not in (1, batch):
         raise ValueError(f"{name} must have shape [{length}] or [{batch}, {length}], got {x.shape}")
+    if share and x.shape[0] == 1:
+        return x
     return jnp.broadcast_to(x, (batch, length))
 
 
@@ -140,12 +146,12 @@ def attention(
     scale = float(1.0 / np.sqrt(head_dim)) if scale is None else float(scale)
 
     q_positions = _batched(
-        "q_positions", q_positions, batch, q_len, jnp.arange(q_len) + (k_len - q_len)
+        "q_positions", q_positions, batch, q_len, jnp.arange(q_len) + (k_len - q_len), share=True
     )
-    k_positions = _batched("k_positions", k_positions, batch, k_len, jnp.arange(k_len))
+    k_positions = _batched("k_positions", k_positions, batch, k_len, jnp.arange(k_len), share=True)
     if segment_ids is None:
-        q_seg = jnp.zeros((batch, q_len), jnp.int32)
-        k_seg = jnp.zeros((batch, k_len), jnp.int32)
+        q_seg = jnp.zeros((1, q_len), jnp.int32)
+        k_seg = jnp.zeros((1, k_len), jnp.int32)
     elif isinstance(segment_ids, tuple):
         if len(segment_ids) != 2:
             raise ValueError(
@@ -162,7 +168,7 @@ def attention(
             )
         q_seg = k_seg = _batched("segment_ids", segment_ids, batch, q_len, None)
     kv_valid = (
-        jnp.ones((batch, k_len), bool)
+        jnp.ones((1, k_len), bool)
         if kv_mask is None
         else _batched("kv_mask", kv_mask, batch, k_len, None, kind="mask").astype(bool)
     )

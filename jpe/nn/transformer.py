@@ -151,7 +151,7 @@ class Transformer(nnx.Module):
                 )
         batch, length = tokens.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+            positions = jnp.arange(length, dtype=jnp.int32)
         positions = _checks.integer_array("positions", positions)
         self._check_max_len(positions)  # before any jnp op, which would trace a constant
         if positions.ndim == 1:
@@ -160,11 +160,15 @@ class Transformer(nnx.Module):
             raise ValueError(
                 f"positions must have shape [{batch}, {length}], got {positions.shape}"
             )
-        positions = jnp.broadcast_to(positions, (batch, length)).astype(jnp.int32)
+        # [1, L] positions stay shared by the batch: rotations, tables and biases are then
+        # computed once and broadcast, not once per row.
+        positions = positions.astype(jnp.int32)
         if segment_ids is None:
-            segment_ids = jnp.ones((batch, length), jnp.int32)
+            segment_ids = jnp.ones((1, length), jnp.int32)
         segment_ids = _checks.integer_array("segment_ids", segment_ids)
-        if segment_ids.shape != (batch, length):
+        if segment_ids.ndim == 1:
+            segment_ids = segment_ids[None, :]
+        if segment_ids.shape not in ((batch, length), (1, length)):
             raise ValueError(
                 f"segment_ids must have shape [{batch}, {length}], got {segment_ids.shape}"
             )
@@ -260,6 +264,9 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = cache["next_position"][:, None] + jnp.arange(length, dtype=jnp.int32)[None]
         tokens, positions, segment_ids = self._inputs(tokens, positions, segment_ids)
+        # The cache keeps one row per sequence.
+        positions = jnp.broadcast_to(positions, (batch, length))
+        segment_ids = jnp.broadcast_to(segment_ids, (batch, length))
         update = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), index, 1)
         shared = {
             "positions": update(cache["positions"], positions),
