@@ -149,3 +149,25 @@ def test_evaluation_at_32x_builds_nothing_quadratic(pe):
         assert quadratic, pe
     else:
         assert not quadratic, f"{pe} builds {quadratic[:3]} at L={length}"
+
+
+def test_task_mode_end_to_end(tmp_path):
+    argv = ["--task=copy", "--pe=rope,none+randomized", "--task-len=3", "--steps=3",
+            "--batch-size=4", "--d-model=16", "--num-layers=1", "--num-heads=2",
+            "--eval-lengths=3,6", "--seeds=0,1", "--no-progress",
+            f"--workdir={tmp_path}"]  # fmt: skip
+    assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"rope", "none+randomized"}
+    for by_length in results.values():
+        assert set(by_length) == {"3", "6"}
+        assert all(0.0 <= v <= 1.0 for v in by_length.values())
+    details = json.loads((tmp_path / "details.json").read_text())
+    assert set(details["runs"]["rope"]) == {"0", "1"}
+    assert "Exact-match accuracy" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_task_mode_rejects_unknown_task(tmp_path, capsys):
+    assert cli.main(["--task=addition", "--pe=rope", f"--workdir={tmp_path}"]) == 2
+    assert "task" in capsys.readouterr().err

@@ -4,7 +4,7 @@
 
 Prints what the functions compute and why their numerics matter: the phase error of RoPE angles
 at large positions (jpe's exact reduction against the plain float32 product), and the shapes
-and first values of each family of encodings. `train/lm.py` will replace this as the main job.
+and first values of each family of encodings.
 """
 
 from __future__ import annotations
