@@ -27,16 +27,15 @@ COMBINE_ATOL = {jnp.float32: 4 * 2.0**-23, jnp.bfloat16: 4 * 2.0**-8}
 def ref_sinusoidal(positions, dim, base=10000.0):
     """Vaswani et al. sec. 3.5: PE(p, 2i) = sin(p / base^(2i/d)), PE(p, 2i+1) = cos(same).
 
-    An odd dim is the table of dim + 1 with its last column dropped.
+    Column by column from the formula with d = dim for every dim, odd or even (DESIGN.md), so
+    an odd dim ends with a sine column.
     """
-    d = dim + dim % 2
-    p = np.asarray(positions, np.float64)[..., None]
-    out = np.empty(p.shape[:-1] + (d,))
-    for i in range(d // 2):
-        angle = p[..., 0] / base ** (2 * i / d)
-        out[..., 2 * i] = np.sin(angle)
-        out[..., 2 * i + 1] = np.cos(angle)
-    return out[..., :dim]
+    p = np.asarray(positions, np.float64)
+    columns = []
+    for column in range(dim):
+        angle = p / base ** (2 * (column // 2) / dim)
+        columns.append(np.sin(angle) if column % 2 == 0 else np.cos(angle))
+    return np.stack(columns, axis=-1)
 
 
 def ref_binary(positions, dim):
@@ -71,7 +70,7 @@ def ref_x_transformers(positions, dim, scale, base=10000.0):
 # ---------------------------------------------------------------- sinusoidal
 
 
-@pytest.mark.parametrize("dim", [1, 2, 7, 8, 64, 65])
+@pytest.mark.parametrize("dim", [1, 2, 3, 7, 8, 64, 65])
 def test_sinusoidal_matches_reference(dim):
     rng = np.random.default_rng(dim)
     positions = np.concatenate([np.arange(200), rng.integers(0, 10**5, 300), [10**5]])
@@ -99,10 +98,23 @@ def test_sinusoidal_precision_over_the_int32_range():
 
 def test_sinusoidal_golden_and_odd_dim_layout():
     got = np.asarray(absolute.sinusoidal(jnp.array([0, 1]), 3))
-    # dim 3 = table of 4 without its last column: [sin(p), cos(p), sin(p / 100)].
-    want = [[0.0, 1.0, 0.0], [np.sin(1.0), np.cos(1.0), np.sin(0.01)]]
+    # dim 3: [sin(p), cos(p), sin(p / 10000^(2/3))], the exponent over dim = 3, ending in a sine.
+    want = [[0.0, 1.0, 0.0], [np.sin(1.0), np.cos(1.0), np.sin(10000.0 ** (-2 / 3))]]
     np.testing.assert_allclose(got, want, atol=TABLE_ATOL)
-    np.testing.assert_array_equal(got, absolute.sinusoidal(jnp.array([0, 1]), 4)[:, :3])
+    got = np.asarray(absolute.sinusoidal(jnp.array([0, 1]), 4))
+    want = [[0.0, 1.0, 0.0, 1.0], [np.sin(1.0), np.cos(1.0), np.sin(0.01), np.cos(0.01)]]
+    np.testing.assert_allclose(got, want, atol=TABLE_ATOL)
+
+
+@pytest.mark.parametrize("dim", [3, 5, 9, 33])
+def test_sinusoidal_odd_dim_is_not_the_truncated_table_of_dim_plus_one(dim):
+    # base^(2i/dim), not base^(2i/(dim + 1)): the two differ from the second frequency on, by
+    # far more than the tolerance at these positions.
+    positions = np.arange(1000, 1100)
+    got = absolute.sinusoidal(jnp.asarray(positions, jnp.int32), dim)
+    np.testing.assert_allclose(got, ref_sinusoidal(positions, dim), rtol=0, atol=TABLE_ATOL)
+    truncated = ref_sinusoidal(positions, dim + 1)[:, :dim]
+    assert np.abs(np.asarray(got, np.float64) - truncated)[:, 2:].max() > 100 * TABLE_ATOL
 
 
 @pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint8, jnp.int16, jnp.uint32, jnp.int32])
@@ -179,6 +191,15 @@ def test_scaled_sinusoidal_matches_x_transformers_up_to_permutation(scale_shape)
         rtol=0,
         atol=scale * TABLE_ATOL + 1e-7,
     )
+
+
+@pytest.mark.parametrize("dim", [7, 8])
+def test_scaled_sinusoidal_follows_the_formula_for_odd_and_even_dim(dim):
+    positions, scale = np.arange(0, 3000, 7), 0.3
+    got = absolute.scaled_sinusoidal(jnp.asarray(positions), dim, scale)
+    chex.assert_shape(got, (positions.size, dim))
+    want = scale * ref_sinusoidal(positions, dim)
+    np.testing.assert_allclose(got, want, rtol=0, atol=scale * TABLE_ATOL + 1e-7)
 
 
 def test_scaled_sinusoidal_gradient_with_respect_to_scale():

@@ -49,9 +49,10 @@ def sinusoidal(positions, dim: int, *, base: float = 10000.0) -> jax.Array:
 
     Sine and cosine of one frequency are interleaved (columns 2i, 2i+1), as in the paper. Some
     libraries (x-transformers, the randomized-PE code) concatenate [sin | cos] with the same
-    frequencies instead, a fixed permutation of the features. An odd `dim` gives the table
-    for `dim + 1` with its last (cosine) column dropped, so it ends with a sine column and its
-    exponents use `dim + 1`.
+    frequencies instead, a fixed permutation of the features. The exponents divide by `dim`
+    itself for every `dim`, as the formula reads; an odd `dim` has ceil(dim / 2) frequencies and
+    ends with the sine column of the last one. (So an odd-dim table is not the first columns of
+    the table for dim + 1, whose exponents divide by dim + 1.)
 
     Precision: the frequencies are computed in float64 on the host, and the angle is reduced
     modulo 2 pi in exact float32 pieces before the sine (`jpe/encodings/_angles.py`, shared
@@ -78,11 +79,11 @@ def sinusoidal(positions, dim: int, *, base: float = 10000.0) -> jax.Array:
     positions = _positions("positions", positions)
     dim = _checks.positive_int("dim", dim)
     base = _checks.positive_float("base", base)
-    num = (dim + 1) // 2  # frequencies; an odd dim borrows the table of dim + 1
-    angles = _angles(positions, _inv_freq(num, 2 * num, base))  # [..., L, num]
+    num = (dim + 1) // 2  # frequencies: column 2i needs i = 0 .. ceil(dim / 2) - 1
+    angles = _angles(positions, _inv_freq(num, dim, base))  # [..., L, num]
     table = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [..., L, num, 2]
     table = table.reshape(table.shape[:-2] + (2 * num,))  # interleave: sin0, cos0, sin1, ...
-    return table[..., :dim]
+    return table[..., :dim]  # an odd dim drops the last cosine, ending with a sine column
 
 
 def scaled_sinusoidal_init(dim: int) -> float:
