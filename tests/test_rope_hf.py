@@ -10,7 +10,9 @@ reference up to position 2**20 (failure mode 1), leave pass-through features bit
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,8 @@ import rope_reference as ref
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jpe.encodings.rotary import apply_rope, rope_frequencies
+from jpe.encodings import rotary
+from jpe.encodings.rotary import apply_rope, parse_rope_scaling, rope_frequencies
 
 LAYOUT_REFERENCE = {"half": ref.apply_rope_half, "interleaved": ref.apply_rope_interleaved}
 
@@ -552,6 +555,44 @@ def test_layouts_give_same_logits_after_permutation(rotary_dim, rng):
 def test_rope_frequencies_rejects_bad_scaling(rotary_dim, scaling, match):
     with pytest.raises(ValueError, match=match):
         rope_frequencies(rotary_dim, scaling=scaling, seq_len=8192)
+    # None of these needs rotary_dim to be found: parsing alone, at config time, rejects them.
+    with pytest.raises(ValueError, match=match):
+        parse_rope_scaling(scaling)
+
+
+@pytest.mark.parametrize(
+    ("scaling", "key"),
+    [
+        ({"rope_type": "linear", "factor": -1.0}, "factor"),
+        ({"rope_type": "linear", "factor": "2"}, "factor"),
+        (
+            {**YARN_4X, "original_max_position_embeddings": 4096.5},
+            "original_max_position_embeddings",
+        ),
+        ({**YARN_4X, "beta_fast": -32.0}, "beta_fast"),
+        ({**YARN_4X, "truncate": None}, "truncate"),
+        ({**YARN_4X, "mscale": "big"}, "mscale"),
+        ({**YARN_4X, "attention_factor": 0.0}, "attention_factor"),
+        ({**PHI, "long_factor": [1.0, -2.0]}, "long_factor"),
+        ({**PHI, "short_factor": "short"}, "short_factor"),
+        ({**LLAMA_31, "high_freq_factor": 0.5}, "high_freq_factor"),
+    ],
+    ids=[
+        "negative-factor",
+        "string-factor",
+        "fractional-original",
+        "negative-beta",
+        "truncate-none",
+        "string-mscale",
+        "zero-attention-factor",
+        "negative-long-factor",
+        "string-short-factor",
+        "llama3-bands-crossed",
+    ],
+)
+def test_parse_rope_scaling_names_the_bad_value(scaling, key):
+    with pytest.raises(ValueError, match=rf"scaling\['{key}'\]"):
+        parse_rope_scaling(scaling)
 
 
 @pytest.mark.parametrize("seq_len", [None, 4096, 8192])
@@ -601,3 +642,79 @@ def test_apply_rope_under_jit(rng):
     out = jitted(jnp.asarray(x), jnp.asarray(pos))
     want = ref.apply_rope_interleaved(x, pos, inv_freq)
     _assert_rotation_close(out, want, x, 64, "interleaved")
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing once
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rotary_dim", "base", "scaling", "seq_len"),
+    [pytest.param(*case[1:], id=case[0]) for case in FREQUENCY_CASES],
+)
+def test_parsed_scaling_gives_the_mapping_frequencies(rotary_dim, base, scaling, seq_len):
+    want_freq, want_factor = rope_frequencies(
+        rotary_dim, base=base, scaling=scaling, seq_len=seq_len
+    )
+    parsed = parse_rope_scaling(scaling)
+    got_freq, got_factor = rope_frequencies(rotary_dim, base=base, scaling=parsed, seq_len=seq_len)
+    np.testing.assert_array_equal(got_freq, want_freq)
+    assert got_factor == want_factor == parsed.attention_factor
+
+
+def test_parsed_scaling_is_immutable_hashable_and_idempotent():
+    parsed = parse_rope_scaling(PHI)
+    assert parse_rope_scaling(parsed) is parsed
+    again = parse_rope_scaling(dict(PHI))
+    assert parsed == again and hash(parsed) == hash(again)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parsed.rope_type = "linear"
+    assert parsed["long_factor"] == tuple(PHI_LONG)
+    assert parse_rope_scaling(None) == parse_rope_scaling({"rope_type": "default"})
+    # A key given as None is not given, as in Hugging Face's configs.
+    with_nones = {**YARN_4X, "beta_fast": None, "attention_factor": None, "mscale": None}
+    assert parse_rope_scaling(with_nones) == parse_rope_scaling(YARN_4X)
+
+
+class _CountingMapping(Mapping):
+    """A mapping that counts how often it is read through."""
+
+    def __init__(self, items):
+        self._items, self.reads = dict(items), 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self._items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __len__(self):
+        return len(self._items)
+
+
+_SMALL_LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0] * 4,
+    "long_factor": [1.0, 2.0, 4.0, 8.0],
+    "original_max_position_embeddings": 8,
+    "factor": 4.0,
+}
+_SMALL_DYNAMIC = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 8}
+
+
+@pytest.mark.parametrize("scaling", [_SMALL_DYNAMIC, _SMALL_LONGROPE, YARN_4X])
+def test_cos_sin_at_length_parses_the_scaling_once(scaling):
+    positions = jnp.array([[0, 3, 7, 100], [1, 2, 3, 4]])
+    lengths = jnp.array([5, 20_000])
+    counting = _CountingMapping(scaling)
+    got = rotary.rope_cos_sin_at_length(positions, lengths, 8, scaling=counting)
+    assert counting.reads == 1
+    # and a parsed scaling, which a jitted caller can hold as a static argument, agrees
+    fn = jax.jit(
+        lambda p, n, s: rotary.rope_cos_sin_at_length(p, n, 8, scaling=s), static_argnums=2
+    )
+    want = fn(positions, lengths, parse_rope_scaling(scaling))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-6)

@@ -17,7 +17,6 @@ falls back to the plain float32 product, which is exact only for small positions
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 
@@ -26,6 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpe.encodings import _angles, _checks
+from jpe.encodings.rope_scaling import (
+    ROPE_TYPES,
+    ParsedScaling,
+    parse_rope_scaling,
+    rope_frequencies,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -45,270 +50,6 @@ __all__ = [
 ]
 
 LAYOUTS = ("half", "interleaved")
-ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3")
-
-# rope_type -> (required keys, optional keys), Hugging Face `rope_scaling` names. The pretrained
-# context length is always `original_max_position_embeddings`: there is no model config here.
-_SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "default": ((), ()),
-    "linear": (("factor",), ()),
-    "ntk": (("factor",), ()),
-    "dynamic": (("factor", "original_max_position_embeddings"), ()),
-    "yarn": (
-        ("factor", "original_max_position_embeddings"),
-        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
-    ),
-    "longrope": (
-        ("short_factor", "long_factor", "original_max_position_embeddings"),
-        ("factor", "attention_factor"),
-    ),
-    "llama3": (
-        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-        (),
-    ),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Frequencies (host, float64)
-# --------------------------------------------------------------------------------------------
-
-
-def _default_inv_freq(rotary_dim: int, base: float) -> np.ndarray:
-    # RoFormer eq. (15): theta_i = base^(-2i/d), i = 0 .. d/2 - 1.
-    return 1.0 / base ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
-
-
-def _parse_scaling(scaling: Mapping) -> tuple[str, dict]:
-    if not isinstance(scaling, Mapping):
-        raise ValueError(
-            f"scaling must be a mapping with a 'rope_type' key or None, got {scaling!r}"
-        )
-    params = dict(scaling)
-    rope_type = params.pop("rope_type", None)
-    legacy = params.pop("type", None)  # Hugging Face's older key name
-    if rope_type is None:
-        rope_type = legacy
-    elif legacy is not None and legacy != rope_type:
-        raise ValueError(f"scaling has rope_type={rope_type!r} but type={legacy!r}")
-    if rope_type is None:
-        raise ValueError("scaling is missing the key 'rope_type'")
-    _checks.one_of("scaling['rope_type']", rope_type, ROPE_TYPES)
-    required, optional = _SCALING_KEYS[rope_type]
-    missing = [k for k in required if k not in params]
-    if missing:
-        raise ValueError(
-            f"scaling for rope_type={rope_type!r} is missing the keys {missing}; "
-            f"required: {list(required)}, optional: {list(optional)}"
-        )
-    unknown = sorted(set(params) - set(required) - set(optional))
-    if unknown:
-        raise ValueError(
-            f"scaling for rope_type={rope_type!r} has unknown keys {unknown}; "
-            f"allowed: {['rope_type', *required, *optional]}"
-        )
-    return rope_type, params
-
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    # YaRN (arXiv 2309.00071) eq. (22): sqrt(1/t) = 0.1 ln(s) + 1.
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _yarn(rotary_dim: int, base: float, p: dict) -> tuple[np.ndarray, float]:
-    factor = _checks.positive_float("scaling['factor']", p["factor"])
-    original = _checks.positive_int(
-        "scaling['original_max_position_embeddings']", p["original_max_position_embeddings"]
-    )
-    beta_fast = _checks.positive_float("scaling['beta_fast']", p.get("beta_fast") or 32.0)
-    beta_slow = _checks.positive_float("scaling['beta_slow']", p.get("beta_slow") or 1.0)
-    truncate = p.get("truncate", True)
-    if not isinstance(truncate, bool):
-        raise ValueError(f"scaling['truncate'] must be a bool, got {truncate!r}")
-
-    attention_factor = p.get("attention_factor")
-    if attention_factor is None:
-        mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
-        if mscale and mscale_all_dim:  # DeepSeek-V2/V3 form, as in Hugging Face
-            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
-        else:
-            attention_factor = _yarn_mscale(factor)
-    attention_factor = _checks.positive_float("scaling['attention_factor']", attention_factor)
-
-    # The dimension index whose wavelength makes `num_rotations` turns over the original context
-    # (YaRN sec. 3.2, "NTK-by-parts"): d * ln(L / (2 pi r)) / (2 ln base).
-    def correction_dim(num_rotations: float) -> float:
-        return (rotary_dim * math.log(original / (num_rotations * 2 * math.pi))) / (
-            2 * math.log(base)
-        )
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, rotary_dim - 1)
-    if low == high:
-        high += 0.001  # as Hugging Face: avoid a zero-width ramp
-    ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
-    extrapolation = 1.0 - ramp  # 1: keep the original frequency, 0: interpolate (divide)
-    inv_freq = _default_inv_freq(rotary_dim, base)
-    inv_freq = (inv_freq / factor) * (1.0 - extrapolation) + inv_freq * extrapolation
-    return inv_freq, attention_factor
-
-
-def _longrope(
-    rotary_dim: int, base: float, p: dict, seq_len: int | None
-) -> tuple[np.ndarray, float]:
-    original = _checks.positive_int(
-        "scaling['original_max_position_embeddings']", p["original_max_position_embeddings"]
-    )
-    attention_factor = p.get("attention_factor")
-    if attention_factor is None:
-        if p.get("factor") is None:
-            raise ValueError(
-                "scaling for rope_type='longrope' needs 'factor' (max_position_embeddings / "
-                "original_max_position_embeddings) or 'attention_factor'"
-            )
-        factor = _checks.positive_float("scaling['factor']", p["factor"])
-        # LongRoPE (arXiv 2402.13753) as used by Phi-3: sqrt(1 + ln s / ln L).
-        attention_factor = (
-            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-        )
-    attention_factor = _checks.positive_float("scaling['attention_factor']", attention_factor)
-    # Both lists are checked, not only the one this seq_len selects, so a bad config fails
-    # at once rather than when a sequence first grows past the original length.
-    factors = {}
-    for key in ("short_factor", "long_factor"):
-        ext = np.asarray(p[key], dtype=np.float64)
-        if ext.shape != (rotary_dim // 2,) or not np.all(np.isfinite(ext) & (ext > 0)):
-            raise ValueError(
-                f"scaling[{key!r}] must hold rotary_dim // 2 = {rotary_dim // 2} positive "
-                f"numbers, got shape {ext.shape}"
-            )
-        factors[key] = ext
-    key = "long_factor" if seq_len is not None and seq_len > original else "short_factor"
-    return _default_inv_freq(rotary_dim, base) / factors[key], attention_factor
-
-
-def _llama3(rotary_dim: int, base: float, p: dict) -> np.ndarray:
-    factor = _checks.positive_float("scaling['factor']", p["factor"])
-    low = _checks.positive_float("scaling['low_freq_factor']", p["low_freq_factor"])
-    high = _checks.positive_float("scaling['high_freq_factor']", p["high_freq_factor"])
-    if not high > low:
-        raise ValueError(
-            f"scaling['high_freq_factor'] ({high}) must be > scaling['low_freq_factor'] ({low})"
-        )
-    original = _checks.positive_int(
-        "scaling['original_max_position_embeddings']", p["original_max_position_embeddings"]
-    )
-    inv_freq = _default_inv_freq(rotary_dim, base)
-    wavelen = 2 * math.pi / inv_freq
-    low_freq_wavelen, high_freq_wavelen = original / low, original / high
-    # Long wavelengths are interpolated, short ones kept, and the band between is blended.
-    smooth = (original / wavelen - low) / (high - low)
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return np.where(
-        wavelen > low_freq_wavelen,
-        inv_freq / factor,
-        np.where(wavelen < high_freq_wavelen, inv_freq, blended),
-    )
-
-
-def rope_frequencies(
-    rotary_dim: int,
-    *,
-    base: float = 10000.0,
-    scaling: Mapping | None = None,
-    seq_len: int | None = None,
-) -> tuple[np.ndarray, float]:
-    """RoPE inverse frequencies, with any common context-extension scaling.
-
-    The default is RoFormer's theta_i = base^(-2i/d), i = 0 .. d/2 - 1 (arXiv 2104.09864,
-    eq. 15). `scaling` is a mapping in Hugging Face transformers' `rope_scaling` form, and the
-    result equals its `ROPE_INIT_FUNCTIONS` (to float32 precision; Hugging Face computes in
-    float32, this in float64):
-
-    - `linear` (Position Interpolation, arXiv 2306.15595): theta_i / factor.
-    - `ntk` (NTK-aware, bloc97 2023): base' = base * factor^(d / (d - 2)).
-    - `dynamic` (dynamic NTK): as `ntk` with factor' = factor * L' / L - (factor - 1),
-      L' = max(seq_len, L), L = `original_max_position_embeddings`.
-    - `yarn` (arXiv 2309.00071): NTK-by-parts ramp between beta_fast (32) and beta_slow (1)
-      rotations over L, `truncate` (True) rounding its ends outwards; attention factor
-      0.1 ln(factor) + 1, or the DeepSeek form mscale(factor, mscale) /
-      mscale(factor, mscale_all_dim), or an explicit `attention_factor`.
-    - `longrope` (arXiv 2402.13753): theta_i / ext_i with `long_factor` when
-      seq_len > L and `short_factor` otherwise; attention factor sqrt(1 + ln(factor) / ln(L)).
-    - `llama3` (Llama 3.1): wavelengths above L / low_freq_factor divided by `factor`, below
-      L / high_freq_factor kept, blended linearly in 1/wavelength between.
-
-    Hugging Face reads the pretrained context from the model config; here it is always the key
-    `original_max_position_embeddings`. Where Hugging Face derives `factor` from
-    `max_position_embeddings / original_max_position_embeddings` (YaRN, LongRoPE), pass that
-    ratio as `factor`.
-
-    Args:
-      rotary_dim: number of rotated features r (even); `len(inv_freq) == r // 2`.
-      base: the RoPE base (theta), > 1.
-      scaling: None for plain RoPE, or a `rope_scaling` mapping (see above).
-      seq_len: the current sequence length, read by `dynamic` and `longrope` only. Static.
-
-    Returns:
-      `(inv_freq, attention_factor)`: a NumPy float64 array `[rotary_dim // 2]` (keep it a host
-      constant: `apply_rope` then computes exact angles) and a Python float by which
-      `apply_rope` scales cos and sin.
-
-    Raises:
-      ValueError: odd or non-positive `rotary_dim` (or below 4 for `ntk` and `dynamic`),
-        `base <= 1`, an unknown `rope_type`, missing, unknown or invalid scaling keys, or a
-        non-positive `seq_len`.
-
-    Example:
-      >>> inv_freq, attn = rope_frequencies(
-      ...     128, base=500000.0, scaling={"rope_type": "llama3", "factor": 8.0,
-      ...     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-      ...     "original_max_position_embeddings": 8192})
-      >>> inv_freq.shape, attn
-      ((64,), 1.0)
-    """
-    rotary_dim = _checks.positive_int("rotary_dim", rotary_dim, minimum=2)
-    if rotary_dim % 2:
-        raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
-    base = _checks.positive_float("base", base)
-    if base <= 1.0:
-        raise ValueError(f"base must be > 1, got {base}")
-    if seq_len is not None:
-        seq_len = _checks.positive_int("seq_len", seq_len)
-    if scaling is None:
-        return _default_inv_freq(rotary_dim, base), 1.0
-
-    rope_type, p = _parse_scaling(scaling)
-    if rope_type in ("ntk", "dynamic") and rotary_dim < 4:
-        # base' = base * factor^(d / (d - 2)) is undefined at d = 2 (Hugging Face divides by 0).
-        raise ValueError(
-            f"rotary_dim must be >= 4 for rope_type={rope_type!r} (its base grows as "
-            f"factor ** (d / (d - 2))), got {rotary_dim}"
-        )
-    if rope_type == "default":
-        return _default_inv_freq(rotary_dim, base), 1.0
-    if rope_type == "linear":
-        factor = _checks.positive_float("scaling['factor']", p["factor"])
-        return _default_inv_freq(rotary_dim, base) / factor, 1.0
-    if rope_type == "ntk":
-        factor = _checks.positive_float("scaling['factor']", p["factor"])
-        ntk_base = base * factor ** (rotary_dim / (rotary_dim - 2))
-        return _default_inv_freq(rotary_dim, ntk_base), 1.0
-    if rope_type == "dynamic":
-        factor = _checks.positive_float("scaling['factor']", p["factor"])
-        original = _checks.positive_int(
-            "scaling['original_max_position_embeddings']", p["original_max_position_embeddings"]
-        )
-        length = original if seq_len is None else max(seq_len, original)
-        alpha = factor * length / original - (factor - 1)
-        return _default_inv_freq(rotary_dim, base * alpha ** (rotary_dim / (rotary_dim - 2))), 1.0
-    if rope_type == "yarn":
-        return _yarn(rotary_dim, base, p)
-    if rope_type == "longrope":
-        return _longrope(rotary_dim, base, p, seq_len)
-    return _llama3(rotary_dim, base, p), 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,13 +214,36 @@ def apply_rope(
     return _rotate(_to_rank(x, rank), cos, sin, layout)
 
 
-LENGTH_DEPENDENT = ("dynamic", "longrope")
+def _longrope_angles_at_length(positions, length, inv_freq, rotary_dim, base, scaling):
+    # Both frequency sets are host constants (exact angles); each row picks one by its length.
+    original = scaling["original_max_position_embeddings"]
+    long_freq, _ = rope_frequencies(rotary_dim, base=base, scaling=scaling, seq_len=original + 1)
+    short_angles = rope_angles(positions, inv_freq)
+    return jnp.where(length > original, rope_angles(positions, long_freq), short_angles)
 
 
-def _original_length(p: dict) -> int:
-    return _checks.positive_int(
-        "scaling['original_max_position_embeddings']", p["original_max_position_embeddings"]
-    )
+def _dynamic_angles_at_length(positions, length, inv_freq, rotary_dim, base, scaling):
+    # theta_i' = theta_i alpha^(-2i / (d - 2)), the `dynamic` frequencies in closed form: the
+    # exact p theta_i (host constants) minus the float32 p (theta_i - theta_i').
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    excess = jnp.maximum(length - original, 0).astype(jnp.float32)
+    log_alpha = jnp.log1p(jnp.float32(factor / original) * excess)
+    exponent = np.arange(0, rotary_dim, 2, dtype=np.float64) / (rotary_dim - 2)
+    shape = (1,) * positions.ndim + (-1,)
+    exponent = jnp.asarray(exponent.reshape(shape), jnp.float32)
+    theta = jnp.asarray(inv_freq.reshape(shape), jnp.float32)
+    slower = theta * -jnp.expm1(-exponent * log_alpha)  # theta_i - theta_i'
+    return rope_angles(positions, inv_freq) - positions.astype(jnp.float32)[..., None] * slower
+
+
+# rope_type -> angles `[..., L, n]` from positions `[..., L]`, each row's length `[..., 1, 1]`,
+# the frequencies `rope_frequencies` gives without a length, rotary_dim, base and the parsed
+# scaling: the scalings that read the sequence length. Every other one ignores it.
+_ANGLES_AT_LENGTH = {
+    "dynamic": _dynamic_angles_at_length,
+    "longrope": _longrope_angles_at_length,
+}
+LENGTH_DEPENDENT = tuple(_ANGLES_AT_LENGTH)
 
 
 def rope_cos_sin_at_length(
@@ -488,7 +252,7 @@ def rope_cos_sin_at_length(
     rotary_dim: int,
     *,
     base: float = 10000.0,
-    scaling: Mapping | None = None,
+    scaling: Mapping | ParsedScaling | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """`(cos, sin)` `[..., L, rotary_dim // 2]` for a scaling that reads the sequence length,
     with `seq_len` an integer array that may be traced (one length per row).
@@ -514,7 +278,8 @@ def rope_cos_sin_at_length(
       positions: `[..., L]` integer positions.
       seq_len: integer scalar or `[...]` (the leading axes of `positions`), the sequence length
         each row's frequencies follow; Hugging Face's choice is max(position) + 1.
-      rotary_dim, base, scaling: as in `rope_frequencies`.
+      rotary_dim, base, scaling: as in `rope_frequencies` (parse `scaling` once with
+        `parse_rope_scaling` to reuse it across calls).
 
     Returns:
       float32 `(cos, sin)`, each scaled by the scaling's attention factor.
@@ -530,32 +295,16 @@ def rope_cos_sin_at_length(
             f"seq_len must be a scalar or have the leading shape of positions "
             f"{positions.shape[:-1]}, got shape {seq_len.shape}"
         )
-    rope_type = None if scaling is None else _parse_scaling(scaling)[0]
+    scaling = parse_rope_scaling(scaling)  # once, for every use below
     inv_freq, attention_factor = rope_frequencies(rotary_dim, base=base, scaling=scaling)
-    if rope_type not in LENGTH_DEPENDENT:
+    angles_at_length = _ANGLES_AT_LENGTH.get(scaling.rope_type)
+    if angles_at_length is None:
         return rope_cos_sin(positions, inv_freq, attention_factor=attention_factor)
-    p = _parse_scaling(scaling)[1]
-    original = _original_length(p)
     # seq_len [...] -> [..., 1, 1], to meet angles [..., L, n]
     length = seq_len.astype(jnp.int32).reshape(
         positions.shape[:-1] + (1, 1) if seq_len.ndim else (1,) * (positions.ndim + 1)
     )
-    angles = rope_angles(positions, inv_freq)
-    if rope_type == "longrope":
-        long_freq, _ = rope_frequencies(
-            rotary_dim, base=base, scaling=scaling, seq_len=original + 1
-        )
-        angles = jnp.where(length > original, rope_angles(positions, long_freq), angles)
-    else:
-        factor = _checks.positive_float("scaling['factor']", p["factor"])
-        excess = jnp.maximum(length - original, 0).astype(jnp.float32)
-        log_alpha = jnp.log1p(jnp.float32(factor / original) * excess)
-        exponent = np.arange(0, rotary_dim, 2, dtype=np.float64) / (rotary_dim - 2)
-        shape = (1,) * positions.ndim + (-1,)
-        exponent = jnp.asarray(exponent.reshape(shape), jnp.float32)
-        theta = jnp.asarray(inv_freq.reshape(shape), jnp.float32)
-        slower = theta * -jnp.expm1(-exponent * log_alpha)  # theta_i - theta_i'
-        angles = angles - positions.astype(jnp.float32)[..., None] * slower
+    angles = angles_at_length(positions, length, inv_freq, rotary_dim, base, scaling)
     return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
 
 
@@ -566,7 +315,7 @@ def apply_rope_at_length(
     rotary_dim: int,
     *,
     base: float = 10000.0,
-    scaling: Mapping | None = None,
+    scaling: Mapping | ParsedScaling | None = None,
     layout: str = "half",
 ) -> jnp.ndarray:
     """`apply_rope` with the frequencies a sequence of `seq_len` gets (`dynamic`, `longrope`),
