@@ -7,17 +7,20 @@ Run time and perplexity have not been measured by the project yet: no accelerato
 available when this preset was written, so treat it as a starting point.
 """
 
-CONFIG = dict(
-    d_model=768,
-    num_layers=12,
-    num_heads=12,
-    seq_len=512,
-    batch_size=64,
-    steps=20000,
-    lr=1e-3,
-    warmup=1000,
-    checkpoint_every=1000,
-    log_every=100,
-    dtype="bfloat16",
-    block_size=512,
-)
+from jpe.lab.train import TrainConfig
+from jpe.nn.config import TransformerConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        model=TransformerConfig(
+            d_model=768, num_layers=12, num_heads=12, dtype="bfloat16", block_size=512
+        ),
+        seq_len=512,
+        batch_size=64,
+        steps=20000,
+        lr=1e-3,
+        warmup=1000,
+        checkpoint_every=1000,
+        log_every=100,
+    )

@@ -5,16 +5,19 @@
 Hardware: any CPU; under a minute. Perplexity is meaningless at this budget.
 """
 
-CONFIG = dict(
-    d_model=32,
-    num_layers=2,
-    num_heads=2,
-    seq_len=32,
-    batch_size=8,
-    steps=6,
-    lr=1e-3,
-    warmup=2,
-    checkpoint_every=3,
-    log_every=1,
-    eval_tokens=256,
-)
+from jpe.lab.train import TrainConfig
+from jpe.nn.config import TransformerConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        model=TransformerConfig(d_model=32, num_layers=2, num_heads=2),
+        seq_len=32,
+        batch_size=8,
+        steps=6,
+        lr=1e-3,
+        warmup=2,
+        checkpoint_every=3,
+        log_every=1,
+        eval_tokens=256,
+    )

@@ -8,14 +8,17 @@ cores with jax 0.10.2. Expected validation perplexity (bytes), non-overlapping w
 text scores 26 and lzma 3.1.
 """
 
-CONFIG = dict(
-    d_model=128,
-    num_layers=4,
-    num_heads=4,
-    seq_len=128,
-    batch_size=16,
-    steps=1000,
-    lr=3e-3,
-    warmup=100,
-    checkpoint_every=250,
-)
+from jpe.lab.train import TrainConfig
+from jpe.nn.config import TransformerConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        model=TransformerConfig(d_model=128, num_layers=4, num_heads=4),
+        seq_len=128,
+        batch_size=16,
+        steps=1000,
+        lr=3e-3,
+        warmup=100,
+        checkpoint_every=250,
+    )

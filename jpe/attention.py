@@ -53,7 +53,7 @@ def _batched(
         x = _checks.integer_array(name, x)
     else:
         x = jnp.asarray(x)
-        if not (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)):
+        if not (jnp.issubdtype(x.dtype, jnp.bool_) or jnp.issubdtype(x.dtype, jnp.integer)):
             raise ValueError(f"{name} must have a boolean dtype, got {x.dtype}")
     if x.ndim == 1:
         x = x[None, :]
@@ -70,6 +70,9 @@ def attention(
     v,
     *,
     bias_fn: BiasFn | None = None,
+    query_bias_fn: Callable[..., jnp.ndarray] | None = None,
+    value_fn: Callable[..., jnp.ndarray] | None = None,
+    contextual_bias_fn: Callable[..., jnp.ndarray] | None = None,
     causal: bool = False,
     q_positions=None,
     k_positions=None,
@@ -77,22 +80,29 @@ def attention(
     kv_mask=None,
     block_size: int | None = None,
     scale: float | None = None,
-    bias_takes_query: bool = False,
-    value_fn: Callable[..., jnp.ndarray] | None = None,
-    logits_fn: Callable[..., jnp.ndarray] | None = None,
 ) -> jnp.ndarray:
     """Softmax attention computed over key blocks with an online softmax.
 
     out_i = sum_j softmax_j(scale * q_i . k_j + bias(i, j) + mask(i, j)) (v_j + value terms).
+
+    The three optional hooks after `bias_fn` carry the names of the `jpe.nn.Encoding` hooks
+    that fill them (`query_bias`, `value`, `contextual_bias`).
 
     Args:
       q: `[B, Lq, H, D]` queries.
       k, v: `[B, Lk, Hkv, D]` keys and values; `H` must be a multiple of `Hkv` (grouped-query
         attention: query head h reads key/value head h // (H // Hkv)).
       bias_fn: `bias_fn(q_positions, k_positions)` with `[B, bq]` and `[B, bk]` int blocks
-        returning a float bias `[B or 1, H or 1, bq, bk]` (or without the batch axis); with
-        `bias_takes_query=True` it is called as `bias_fn(q_positions, k_positions, q_block)`
-        with `q_block` `[B, bq, H, D]` (Shaw et al., Transformer-XL).
+        returning a float bias `[B or 1, H or 1, bq, bk]` (or without the batch axis).
+      query_bias_fn: `query_bias_fn(q_block, q_positions, k_positions)`, a bias that also reads
+        the query block `[B, bq, H, D]` (Shaw et al., Transformer-XL); added like `bias_fn`'s.
+      value_fn: optional `value_fn(weights, q_positions, k_positions)` with unnormalised weights
+        `[B, H, bq, bk]`, returning `[B, bq, H, D]` added to the weighted values (Shaw et al.'s
+        relative value embeddings). It must be linear in `weights`.
+      contextual_bias_fn: optional `contextual_bias_fn(q, logits, mask)` with `q`
+        `[B, bq, H, D]`, the scaled and biased logits `[B, H, bq, Lk]` and the boolean mask
+        `[B, 1, bq, Lk]`, returning a term added to the logits. It sees whole rows, so all
+        keys must fit in one block (`block_size >= Lk`); CoPE needs it.
       causal: mask keys whose position is greater than the query's.
       q_positions: `[Lq]` or `[B, Lq]` int positions; default `arange(Lq) + Lk - Lq` (queries
         are the last Lq of the keys, as in decoding).
@@ -104,15 +114,6 @@ def attention(
       kv_mask: `[B, Lk]` bool, False for keys that must not be attended to (empty cache slots).
       block_size: block length for queries and keys (default 512); L need not divide by it.
       scale: logit scale, default `1 / sqrt(D)`; biases are added unscaled.
-      bias_takes_query: see `bias_fn`.
-      value_fn: optional `value_fn(weights, q_positions, k_positions)` with unnormalised weights
-        `[B, H, bq, bk]`, returning `[B, bq, H, D]` added to the weighted values (Shaw et al.'s
-        relative value embeddings). It must be linear in `weights`.
-      logits_fn: optional `logits_fn(q, logits, mask)` with `q` `[B, bq, H, D]`, the scaled
-        and biased logits `[B, H, bq, Lk]` and the boolean mask `[B, 1, bq, Lk]`, returning a
-        term added to the logits. It sees whole rows, so all keys must fit in one block
-        (`block_size >= Lk`); CoPE needs it.
-
     Returns:
       `[B, Lq, H, D]` in `q.dtype`. A query row is NaN only if a key it attends to (allowed by
       every mask) has a non-finite key or value, or its own logits are; keys it does not attend
@@ -174,9 +175,10 @@ def attention(
     )
 
     bq, bk = min(block, q_len), min(block, k_len)
-    if logits_fn is not None and bk < k_len:
+    if contextual_bias_fn is not None and bk < k_len:
         raise ValueError(
-            f"logits_fn needs every key in one block: block_size ({block}) must be >= Lk ({k_len})"
+            f"contextual_bias_fn needs every key in one block: block_size ({block}) must be >= "
+            f"Lk ({k_len})"
         )
     # [n, B, b, ...] blocks; padded keys are invalid, padded queries are dropped at the end.
     q_blocks = _blocks(q, bq, 0)
@@ -190,18 +192,19 @@ def attention(
         qg = qb.reshape(batch, qb.shape[1], kv_heads, groups, head_dim)
         s = jnp.einsum("bqkgd,bskd->bkgqs", qg, kb, preferred_element_type=jnp.float32)
         s = s.reshape(batch, num_heads, qb.shape[1], kb.shape[1]) * scale
-        if bias_fn is not None:
-            bias = bias_fn(qp, kp, qb) if bias_takes_query else bias_fn(qp, kp)
-            bias = jnp.asarray(bias, jnp.float32)
-            if bias.ndim == 3:
-                bias = bias[None]
-            s = s + bias
+        for bias in (
+            None if bias_fn is None else bias_fn(qp, kp),
+            None if query_bias_fn is None else query_bias_fn(qb, qp, kp),
+        ):
+            if bias is not None:
+                bias = jnp.asarray(bias, jnp.float32)
+                s = s + (bias[None] if bias.ndim == 3 else bias)
         mask = (qs[:, :, None] == ks[:, None, :]) & kvalid[:, None, :]
         if causal:
             mask = mask & (kp[:, None, :] <= qp[:, :, None])
         mask = mask[:, None, :, :]
-        if logits_fn is not None:
-            s = s + logits_fn(qb, s, mask).astype(jnp.float32)
+        if contextual_bias_fn is not None:
+            s = s + contextual_bias_fn(qb, s, mask).astype(jnp.float32)
         return s, mask
 
     def query_block(qb, qp, qs):

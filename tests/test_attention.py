@@ -166,7 +166,7 @@ def test_query_dependent_bias_and_value_terms():
     def rel(qp, kp):
         return jnp.clip(kp[:, None, :] - qp[:, :, None], -kmax, kmax) + kmax  # [B, bq, bk]
 
-    def bias_fn(qp, kp, qb):
+    def query_bias_fn(qb, qp, kp):
         qa = jnp.einsum("bqhd,rd->bhqr", qb.astype(jnp.float32), ka)
         idx = jnp.broadcast_to(rel(qp, kp)[:, None], qa.shape[:3] + (kp.shape[1],))
         return jnp.take_along_axis(qa, idx, axis=-1)
@@ -179,8 +179,7 @@ def test_query_dependent_bias_and_value_terms():
         q,
         k,
         v,
-        bias_fn=bias_fn,
-        bias_takes_query=True,
+        query_bias_fn=query_bias_fn,
         value_fn=value_fn,
         block_size=4,
         causal=True,

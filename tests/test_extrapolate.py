@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,22 +12,10 @@ from flax import nnx
 
 import jpe
 from jpe.lab import extrapolate as lab_lib
-from jpe.registry import encoding_class
+from jpe.nn import encoding_class
+from train import extrapolate as cli
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_cli():
-    path = ROOT / "train" / "extrapolate.py"
-    spec = importlib.util.spec_from_file_location("jpe_train_extrapolate", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
-
-TINY = ["--steps=3", "--train-len=16", "--eval-lengths=16,32,64", "--eval-tokens=128",
+TINY = ["--steps=3", "--seq-len=16", "--eval-lengths=16,32,64", "--eval-tokens=128",
         "--d-model=32", "--num-layers=1", "--num-heads=2", "--no-progress"]  # fmt: skip
 
 
@@ -64,7 +50,7 @@ def test_details_keep_seeds_modes_and_positions(lab_run):
     results = json.loads((lab_run / "results.json").read_text())
     mean = np.mean([alibi[s]["ppl"]["32"] for s in ("0", "1")])
     assert results["alibi"]["32"] == pytest.approx(mean)
-    assert details["config"]["train_len"] == 16 and "cpu" in details["machine"]
+    assert details["config"]["seq_len"] == 16 and "cpu" in details["machine"]
 
 
 def test_markdown_and_figures(lab_run):
@@ -97,12 +83,26 @@ def test_bad_arguments(argv, message, tmp_path, capsys):
 
 
 def test_scaled_rope_config():
-    config = jpe.TransformerConfig(pe="rope")
-    yarn = lab_lib.scaled_rope_config(config, "yarn", 512, 64).scaling
-    assert yarn == {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}
-    dynamic = lab_lib.scaled_rope_config(config, "dynamic", 512, 64).scaling
-    assert dynamic["factor"] == 1.0
-    assert lab_lib.scaled_rope_config(config, "linear", 32, 64).scaling["factor"] == 1.0
+    config = jpe.TransformerConfig(pe="rope", pe_options={"base": 500.0})
+    scaled = lambda *args: lab_lib.scaled_rope_config(config, *args).pe_options  # noqa: E731
+    yarn = scaled("yarn", 512, 64)
+    assert yarn.scaling_mapping == {
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64
+    }  # fmt: skip
+    assert yarn.base == 500.0, "the other options are kept"
+    assert scaled("dynamic", 512, 64).scaling_mapping["factor"] == 1.0
+    assert scaled("linear", 32, 64).scaling_mapping["factor"] == 1.0
+
+
+def test_flags_take_their_defaults_from_the_lab_config():
+    lab = cli.build_lab(cli.parser().parse_args(["--pe=alibi"]))
+    assert lab == lab_lib.LabConfig(pes=("alibi",))
+    assert lab.warmup == lab.steps // 10
+    # --train-len is the old name of --seq-len
+    old = cli.build_lab(cli.parser().parse_args(["--pe=alibi", "--train-len=32"]))
+    assert old.seq_len == 32 and old == lab_lib.LabConfig(pes=("alibi",), seq_len=32)
+    task = cli.build_lab(cli.parser().parse_args(["--task=sort", "--eval-lengths=4,8"]))
+    assert task == lab_lib.TaskLabConfig(task="sort", test_lengths=(4, 8))
 
 
 # --- memory: nothing quadratic at 32x the training length --------------------------------------
@@ -133,7 +133,12 @@ def _quadratic_intermediates(jaxpr, length: int) -> list[tuple]:
 
 
 @pytest.mark.parametrize(
-    "pe", [pe for pe in jpe.ENCODINGS if encoding_class(pe).has_bias or pe in ("rope", "none")]
+    "pe",
+    [
+        pe
+        for pe in jpe.ENCODINGS
+        if any(encoding_class(pe).capabilities()[2:]) or pe in ("rope", "none")
+    ],
 )
 def test_evaluation_at_32x_builds_nothing_quadratic(pe):
     length, block = 32 * 64, 256
@@ -145,7 +150,7 @@ def test_evaluation_at_32x_builds_nothing_quadratic(pe):
     forward = lambda state, tokens: nnx.merge(graphdef, state)(tokens)  # noqa: E731
     jaxpr = jax.make_jaxpr(forward)(state, jnp.zeros((1, length), jnp.int32))
     quadratic = _quadratic_intermediates(jaxpr, length)
-    if encoding_class(pe).dense:  # CoPE: documented as dense; the check must see it
+    if encoding_class(pe).capabilities().contextual_bias:  # CoPE: documented as dense
         assert quadratic, pe
     else:
         assert not quadratic, f"{pe} builds {quadratic[:3]} at L={length}"

@@ -162,17 +162,26 @@ TINY = dict(d_model=16, num_layers=1, num_heads=2, batch_size=8, eval_examples=1
         (dict(eval_random_positions=True), "random_positions"),
     ],
 )
-def test_run_task_errors(kwargs, match):
+def test_task_config_errors(kwargs, match):
+    """Every setting is checked when the config is made, before any training."""
     args = dict(task="copy", pe="rope", train_lengths=(1, 4), test_lengths=(8,), steps=1)
     with pytest.raises(ValueError, match=match):
-        tasks.run_task(**{**args, **kwargs, **{k: v for k, v in TINY.items() if k not in kwargs}})
+        tasks.TaskConfig(**{**args, **kwargs, **{k: v for k, v in TINY.items() if k not in kwargs}})
+
+
+def test_run_task_takes_a_task_config():
+    with pytest.raises(ValueError, match="TaskConfig"):
+        tasks.run_task({"task": "copy"})
 
 
 def test_run_task_learned_max_len_fits():
     """Copy of 8 symbols is 17 tokens: max_len=17 is enough, 16 is not (checked above)."""
     out = tasks.run_task(
-        "copy", "learned", train_lengths=(1, 2), test_lengths=(8,), steps=1, max_len=17, **TINY
-    )
+        tasks.TaskConfig(
+            task="copy", pe="learned", train_lengths=(1, 2), test_lengths=(8,), steps=1,
+            max_len=17, **TINY,
+        )
+    )  # fmt: skip
     assert out["config"].max_len == 17
     assert 0.0 <= out["accuracy"][8] <= 1.0
 
@@ -183,16 +192,18 @@ def test_run_task_learned_max_len_fits():
 )
 def test_run_task_end_to_end(task, pe, random_positions):
     out = tasks.run_task(
-        task,
-        pe,
-        train_lengths=(1, 3),
-        test_lengths=(2, 5),
-        steps=4,
-        seed=1,
-        lr=1e-3,
-        random_positions=random_positions,
-        log_every=2,
-        **TINY,
+        tasks.TaskConfig(
+            task=task,
+            pe=pe,
+            train_lengths=(1, 3),
+            test_lengths=(2, 5),
+            steps=4,
+            seed=1,
+            lr=1e-3,
+            random_positions=random_positions,
+            log_every=2,
+            **TINY,
+        )
     )
     assert set(out["accuracy"]) == set(out["token_accuracy"]) == {2, 5}
     for table in (out["accuracy"], out["token_accuracy"]):
@@ -212,17 +223,19 @@ def test_copy_learns_above_chance():
     are still far above chance (1e-4 exact, 0.1 per token).
     """
     out = tasks.run_task(
-        "copy",
-        "rope",
-        train_lengths=(1, 4),
-        test_lengths=(4,),
-        steps=400,
-        batch_size=32,
-        d_model=32,
-        num_layers=2,
-        num_heads=2,
-        lr=3e-3,
-        seed=0,
+        tasks.TaskConfig(
+            task="copy",
+            pe="rope",
+            train_lengths=(1, 4),
+            test_lengths=(4,),
+            steps=400,
+            batch_size=32,
+            d_model=32,
+            num_layers=2,
+            num_heads=2,
+            lr=3e-3,
+            seed=0,
+        )
     )
     exact_chance, token_chance = tasks.chance_accuracy("copy", 4)
     assert out["accuracy"][4] >= 0.5, (

@@ -5,7 +5,6 @@ Every run here is a few steps of a tiny model; losses are compared, never timed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,20 +17,11 @@ import numpy as np
 import pytest
 
 from jpe import TransformerConfig
-from jpe.lab import sharding
+from jpe.lab import cli, sharding
 from jpe.lab.train import NonFiniteLossError, TrainConfig, flatten_model, train
+from train import lm
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_lm():
-    spec = importlib.util.spec_from_file_location("jpe_train_lm", ROOT / "train" / "lm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lm = _load_lm()
 
 SMALL = dict(d_model=32, num_layers=2, num_heads=2)
 
@@ -96,14 +86,15 @@ def test_sigkill_during_an_async_save_then_resume_gives_the_same_losses(referenc
     ref_dir, _ = reference_run
     code = f"""
         import os, signal
+        import jpe.lab.core as core
         import jpe.lab.train as T
         from tests.test_train import _cfg
-        original = T._save
-        def save_then_die(manager, step, *args):
-            original(manager, step, *args)
+        original = core.Checkpoints.save
+        def save_then_die(self, step, *args):
+            original(self, step, *args)
             if step == 3:
                 os.kill(os.getpid(), signal.SIGKILL)   # async save of step 3 may be in flight
-        T._save = save_then_die
+        core.Checkpoints.save = save_then_die
         T.train(_cfg(), {str(tmp_path)!r}, progress=False)
     """
     proc = _subprocess(code)
@@ -211,21 +202,23 @@ def test_presets_run_a_few_steps(argv, tmp_path, capsys):
 
 def test_every_preset_has_a_docstring_with_its_command():
     for path in sorted((ROOT / "configs").glob("*.py")):
-        preset = lm.load_preset(path.stem)
+        preset = cli.load_preset(lm.CONFIGS, path.stem)
         doc = (path.read_text().split('"""') + ["", ""])[1]
         assert "train/lm.py" in doc and "Hardware" in doc, path
-        assert "steps" in preset, path
+        assert isinstance(preset, TrainConfig), path
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--pe=rotary"], "invalid choice: 'rotary'"),
+        (["--pe=rotary"], "unknown positional encoding pe='rotary'; valid names: none"),
         (["--mesh=3x3"], "mesh"),
         (["--mesh=banana"], "mesh"),
         (["--data=/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
         (["--config=nope"], "unknown --config 'nope'"),
-        (["--eval-lengths=0,64"], "positive integers"),
+        (["--eval-lengths=0,64"], "eval_lengths"),
+        (['--pe-options={"num_buckets": 8}'], "unknown option(s) 'num_buckets' for pe='rope'"),
+        (["--pe=t5", "--pe-options=[1]"], "expected a JSON object"),
     ],
 )
 def test_bad_flags_give_clear_errors(argv, message, tmp_path, capsys):

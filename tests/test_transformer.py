@@ -5,6 +5,10 @@ tiny and mostly run eagerly (no compilation); one jitted call per encoding check
 eager agree.
 """
 
+import dataclasses
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -15,12 +19,40 @@ from flax import nnx
 import jpe
 from jpe.nn.transformer import Transformer, generate, init_cache
 
-TINY = dict(vocab_size=32, d_model=16, num_heads=2, num_layers=2, max_len=64, cope_npos=16)
+
+@jpe.register("test-gaussian")
+class GaussianBias(jpe.nn.Encoding):
+    """A bias -s_h (q - k)^2 / (2 width^2), learned s_h per head: an encoding registered through
+    the public API with an option of its own, so the contract tests below cover it."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Options(jpe.nn.Options):
+        width: float = 4.0
+
+        def __post_init__(self):
+            if not self.width > 0:
+                raise ValueError(f"width must be > 0, got {self.width}")
+
+    def __init__(self, config, *, rngs):
+        super().__init__(config, rngs=rngs)
+        self.scale = nnx.Param(jnp.ones((config.num_heads,)))
+
+    def bias(self, q_positions, k_positions):
+        # [B, bq] and [B, bk] -> [B, 1, bq, bk], times a scale per head -> [B, H, bq, bk]
+        d = (q_positions[:, None, :, None] - k_positions[:, None, None, :]).astype(jnp.float32)
+        scale = self.scale[...][None, :, None, None]
+        return -scale * d**2 / (2 * self.options.width**2)
+
+
+TINY = dict(vocab_size=32, d_model=16, num_heads=2, num_layers=2, max_len=64)
+# Options that keep the tiny models tiny, per encoding.
+OPTIONS = {"cope": {"npos": 16}}
 B, L = 2, 10
 
 
-def make(pe, seed=0, **overrides):
-    config = jpe.TransformerConfig(pe=pe, **{**TINY, **overrides})
+def make(pe, seed=0, pe_options=None, **overrides):
+    options = {**OPTIONS.get(pe, {}), **(pe_options or {})}
+    config = jpe.TransformerConfig(pe=pe, pe_options=options, **{**TINY, **overrides})
     return Transformer(config, rngs=nnx.Rngs(seed))
 
 
@@ -31,6 +63,66 @@ def tokens(seed=1, shape=(B, L)):
 @pytest.fixture(scope="module", params=jpe.ENCODINGS)
 def pe(request):
     return request.param
+
+
+def test_a_registered_encoding_has_its_own_options_and_joins_the_contract():
+    assert "test-gaussian" in jpe.ENCODINGS  # so every test over `pe` runs it
+    config = jpe.TransformerConfig(pe="test-gaussian", pe_options={"width": 2.0}, **TINY)
+    assert config.pe_options.width == 2.0
+    with pytest.raises(ValueError, match="width must be > 0"):
+        jpe.TransformerConfig(pe="test-gaussian", pe_options={"width": 0.0}, **TINY)
+    with pytest.raises(ValueError, match="unknown option.*'slope'.*its options are: width"):
+        jpe.TransformerConfig(pe="test-gaussian", pe_options={"slope": 1.0}, **TINY)
+    # the option reaches the bias: a wider Gaussian decays less
+    p = jnp.arange(6)[None]
+    narrow = make("test-gaussian", pe_options={"width": 1.0}).encoding.bias(p, p)
+    wide = make("test-gaussian", pe_options={"width": 8.0}).encoding.bias(p, p)
+    assert float(narrow[0, 0, 0, 5]) < float(wide[0, 0, 0, 5]) < 0
+    with pytest.raises(ValueError, match="already registered"):
+        jpe.register("test-gaussian", GaussianBias)
+    with pytest.raises(ValueError, match="subclass of jpe.nn.Encoding"):
+        jpe.register("not-an-encoding", dict)
+
+    class Loose(jpe.nn.Encoding):
+        Options = dict  # not an Options dataclass
+
+    with pytest.raises(ValueError, match="Options must be a frozen dataclass"):
+        jpe.register("loose", Loose)
+
+
+def test_capabilities_are_read_off_the_overridden_hooks():
+    cap = lambda pe: jpe.nn.encoding_class(pe).capabilities()  # noqa: E731
+    assert cap("alibi").bias and not cap("alibi").query_bias and not cap("alibi").embed
+    assert cap("rope").transform_qk and not cap("rope").bias
+    assert cap("shaw").query_bias and cap("shaw").value and not cap("shaw").bias
+    assert cap("transformer-xl").transform_qk and cap("transformer-xl").query_bias
+    assert cap("cope").contextual_bias
+    assert cap("learned").absolute and cap("binary").absolute
+    assert not any(cap("none"))
+    assert cap("test-gaussian").bias
+    # facts are asked of the class, never of the name
+    c = jpe.TransformerConfig(pe="learned", **TINY)
+    assert c.encoding.position_limit(c) == 64
+    assert jpe.nn.encoding_class("alibi").position_limit(c) is None
+    concat = jpe.TransformerConfig(pe="sinusoidal", pe_options={"combine": "concat"}, **TINY)
+    assert concat.encoding.token_width(concat) == 8
+    for flag in ("has_bias", "bias_takes_query", "has_value", "dense", "absolute"):
+        assert not hasattr(jpe.nn.Encoding, flag)
+
+
+def test_imports_have_no_cycle_and_pure_functions_need_no_flax():
+    code = (
+        "import sys, jpe.encodings; assert 'flax' not in sys.modules, 'flax loaded'; "
+        "import jpe.nn.transformer, jpe.nn.encodings, jpe.nn.config; "
+        "assert 'cope' in jpe.ENCODINGS"
+    )
+    for first in ("", "import jpe.nn.encodings; ", "import jpe.nn.config; "):
+        run = subprocess.run(
+            [sys.executable, "-c", (first + code) if not first else first + "import jpe"],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0, run.stderr
 
 
 def test_registry_names_match_the_design():
@@ -178,16 +270,28 @@ def test_token_classification_head_and_gqa():
         (dict(num_heads=0), "num_heads"),
         (dict(num_kv_heads=3, num_heads=2), "num_kv_heads"),
         (dict(dtype="float16"), "dtype"),
-        (dict(rope_layout="neox"), "rope_layout"),
-        (dict(rotary_fraction=0.0), "rotary_fraction"),
-        (dict(rope_scaling={"rope_type": "bogus"}), "rope_scaling.*rope_type"),
-        (dict(rope_scaling={"rope_type": "linear"}), "rope_scaling.*factor"),
-        (dict(rope_base=0.5), "rope_base.*base must be > 1"),
-        (dict(pe="t5", causal=False, t5_num_buckets=33), "t5_num_buckets.*even"),
-        (dict(pe="t5", t5_max_distance=4, t5_num_buckets=32), "t5_max_distance"),
-        (dict(pe="xpos", rope_scaling={"rope_type": "linear", "factor": 2.0}), "xpos"),
+        (dict(pe="rope", pe_options=dict(layout="neox")), "layout"),
+        (dict(pe="rope", pe_options=dict(rotary_fraction=0.0)), "rotary_fraction"),
+        (dict(pe="rope", pe_options=dict(rotary_fraction=0.1)), "fewer than 2 rotated"),
+        (dict(pe="rope", pe_options=dict(scaling={"rope_type": "bogus"})), "scaling.*rope_type"),
+        (dict(pe="rope", pe_options=dict(scaling={"rope_type": "linear"})), "scaling.*factor"),
+        (dict(pe="rope", pe_options=dict(base=0.5)), "base=0.5.*base must be > 1"),
+        (dict(pe="t5", causal=False, pe_options=dict(num_buckets=33)), "num_buckets.*even"),
+        (dict(pe="t5", pe_options=dict(max_distance=4, num_buckets=32)), "max_distance"),
+        (
+            dict(pe="xpos", pe_options=dict(scaling={"rope_type": "linear", "factor": 2.0})),
+            "unknown option.*'scaling'.*pe='xpos'.*base, layout, rotary_fraction, scale_base",
+        ),
         (dict(pe="sandwich", d_model=12, num_heads=4), "even head_dim"),
-        (dict(xpos_scale_base=0.0), "xpos_scale_base"),
+        (dict(pe="xpos", pe_options=dict(scale_base=0.0)), "scale_base"),
+        (dict(pe="alibi", pe_options=dict(num_buckets=8)), "options are: none"),
+        (dict(pe="sinusoidal", pe_options=dict(combine="stack")), "combine"),
+        (dict(pe="binary", pe_options=dict(bits=0)), "bits"),
+        (dict(pe="kerple", pe_options=dict(kind="exp")), "kind"),
+        (dict(pe="fire", pe_options=dict(hidden=0)), "hidden"),
+        (dict(pe="shaw", pe_options=dict(max_distance=0)), "max_distance"),
+        (dict(pe="cope", pe_options=dict(npos=0)), "npos"),
+        (dict(pe="rope", pe_options=[("base", 2.0)]), "pe_options must be a mapping"),
     ],
 )
 def test_config_errors(overrides, match):
@@ -195,13 +299,27 @@ def test_config_errors(overrides, match):
         jpe.TransformerConfig(**{**TINY, **overrides})
 
 
+def test_options_are_declared_by_the_class_and_carried_in_one_field():
+    c = jpe.TransformerConfig(pe="t5", pe_options={"num_buckets": 16}, **TINY)
+    assert isinstance(c.pe_options, jpe.nn.encoding_class("t5").Options)
+    assert (c.pe_options.num_buckets, c.pe_options.max_distance) == (16, 128)
+    assert c.to_json()["pe_options"] == {"num_buckets": 16}
+    # changing pe keeps the options that were set, which must exist for the new encoding
+    assert c.replace(pe="t5", causal=False).pe_options.num_buckets == 16
+    with pytest.raises(ValueError, match="unknown option.*num_buckets.*pe='alibi'"):
+        c.replace(pe="alibi")
+    assert c.replace(pe="alibi", pe_options=None).pe == "alibi"
+    # defaults need no options
+    assert jpe.TransformerConfig(pe="rope", **TINY).replace(pe="alibi").pe == "alibi"
+
+
 def test_config_is_hashable_with_rope_scaling():
     scaling = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
                "original_max_position_embeddings": 8, "factor": 4.0}  # fmt: skip
-    c1 = jpe.TransformerConfig(pe="rope", rope_scaling=scaling, **TINY)
-    c2 = jpe.TransformerConfig(pe="rope", rope_scaling=dict(scaling), **TINY)
+    c1 = jpe.TransformerConfig(pe="rope", pe_options={"scaling": scaling}, **TINY)
+    c2 = jpe.TransformerConfig(pe="rope", pe_options={"scaling": dict(scaling)}, **TINY)
     assert hash(c1) == hash(c2) and c1 == c2
-    assert c1.scaling == scaling
+    assert c1.pe_options.scaling_mapping == scaling
     model = Transformer(c1, rngs=nnx.Rngs(0))
     chex.assert_tree_all_finite(model(tokens(shape=(1, 12))))  # 12 > 8: the long factors
 
@@ -281,7 +399,7 @@ def test_length_dependent_rope_scalings_agree_across_paths(kind):
         mask = jnp.ones(x.shape, bool) if mask is None else mask
         return forward(model, x, jpe.positions_from_mask(mask), mask.astype(jnp.int32))
 
-    model = make("rope", rope_scaling=_LENGTH_SCALINGS[kind], num_layers=1)
+    model = make("rope", pe_options={"scaling": _LENGTH_SCALINGS[kind]}, num_layers=1)
     x = tokens(shape=(1, L))  # L = 10 > original 8: the scaling is active
     full = run(model, x)
     logits, _ = decode(model, x, init_cache(model.config, 1, 32))
@@ -308,7 +426,7 @@ def test_length_dependent_rope_scalings_agree_across_paths(kind):
         twin = make("rope", num_layers=1)
     else:
         same = {**_LENGTH_SCALINGS[kind], "long_factor": [1.0] * (_D // 2)}
-        twin = make("rope", rope_scaling=same, num_layers=1)
+        twin = make("rope", pe_options={"scaling": same}, num_layers=1)
     np.testing.assert_allclose(run(twin, short), want_short, atol=1e-5)
     assert not np.allclose(run(twin, x), full, atol=1e-3)
 
@@ -351,7 +469,7 @@ def test_sandwich_sinusoids_are_one_head_wide():
 def test_kerple_initialisation_follows_the_reference(kind, r1_max, r2_max):
     """chijames/KERPLE: log -p log(1 + a d), power -a d^p, with p ~ U(0, 2) and a ~ U(0, 1):
     the scale r1 and the exponent/shape r2 trade ranges between the kinds."""
-    model = make("kerple", kerple_kind=kind, num_heads=16, d_model=32)
+    model = make("kerple", pe_options={"kind": kind}, num_heads=16, d_model=32)
     r1, r2 = np.asarray(model.encoding.r1[...]), np.asarray(model.encoding.r2[...])
     for r, top in ((r1, r1_max), (r2, r2_max)):
         assert np.all((r >= 0) & (r <= top))

@@ -4,143 +4,112 @@
 
 trains the `tiny` preset (configs/tiny.py) on the built-in corpus (the English text of
 Python's own documentation), checkpoints to --workdir (default runs/lm-PE), and prints the
-validation perplexity at each --eval-lengths length. Run the same command again and it resumes
-from the latest checkpoint. Flags override the preset's values.
+validation perplexity at each --eval-lengths length (default 1x, 2x and 4x --seq-len). Run the
+same command again and it resumes from the latest checkpoint. Flags override the preset's
+values; each flag is a field of `jpe.lab.train.TrainConfig` or `jpe.TransformerConfig`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
-
-def load_preset(name: str) -> dict:
-    """`configs/NAME.py`'s CONFIG dict; an unknown name lists the presets."""
-    path = CONFIGS / f"{name}.py"
-    if not path.is_file():
-        names = sorted(p.stem for p in CONFIGS.glob("*.py") if not p.stem.startswith("_"))
-        raise ValueError(f"unknown --config {name!r}; presets in {CONFIGS}: {', '.join(names)}")
-    spec = importlib.util.spec_from_file_location(f"jpe_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return dict(module.CONFIG)
+# TrainConfig fields a command line does not set: the model is set field by field.
+_SKIP_TRAIN = ("model",)
+# TransformerConfig fields fixed by the task (bytes, a decoder).
+_SKIP_MODEL = ("vocab_size", "causal", "num_classes")
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def parser() -> argparse.ArgumentParser:
-    import jpe
+def parser(preset=None) -> argparse.ArgumentParser:
+    """The flags; `preset` (a `TrainConfig`) supplies the defaults the help shows."""
+    from jpe import ENCODINGS, TransformerConfig
+    from jpe.lab import cli
+    from jpe.lab.train import TrainConfig
 
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--pe",
-        default="rope",
-        choices=jpe.ENCODINGS,
-        metavar="PE",
-        help=f"positional encoding: {', '.join(jpe.ENCODINGS)} (default rope)",
-    )
     p.add_argument("--config", default="tiny", help="preset in configs/ (default tiny)")
-    p.add_argument(
-        "--data",
-        help="text file, folder of text files, or hf:NAME[:CONFIG]; default: the built-in corpus",
-    )
     p.add_argument("--workdir", help="checkpoints and outputs (default runs/lm-PE)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--d-model", type=int)
-    p.add_argument("--num-layers", type=int)
-    p.add_argument("--num-heads", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--keep", type=int, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int)
-    p.add_argument(
-        "--eval-lengths",
-        type=_ints,
-        help="comma-separated lengths (default: 1x, 2x and 4x --seq-len)",
-    )
-    p.add_argument("--eval-stride", type=int, help="sliding-window stride (default --seq-len / 4)")
-    p.add_argument("--eval-tokens", type=int, help="tokens per evaluation length and mode")
-    p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 4x2 (default: all on data)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 compute")
-    p.add_argument("--pack", action="store_true", help="pack documents with segment ids")
-    p.add_argument(
-        "--random-positions",
-        type=int,
-        metavar="MAX",
-        help="randomized positions (Ruoss et al. 2023) sampled from [0, MAX)",
-    )
-    p.add_argument("--max-len", type=int, help="rows of a learned position table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 compute (--dtype=bfloat16)")
     p.add_argument(
         "--rope-scaling",
-        type=json.loads,
-        help="Hugging Face rope_scaling mapping as JSON, "
-        'e.g. \'{"rope_type": "linear", "factor": 4}\'',
+        type=cli._json_mapping,
+        help="Hugging Face rope_scaling mapping as JSON for pe=rope, "
+        'e.g. \'{"rope_type": "linear", "factor": 4}\' (the option pe_options.scaling)',
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p  # fmt: skip
-
-
-_MODEL_FIELDS = {"d_model", "num_layers", "num_heads", "max_len", "rope_scaling", "dtype",
-                 "block_size", "num_kv_heads", "rope_base", "rotary_fraction"}  # fmt: skip
+    cli.add_fields(
+        p,
+        TransformerConfig,
+        skip=_SKIP_MODEL,
+        values=None if preset is None else preset.model,
+        extra_help={
+            "pe": f"One of: {', '.join(ENCODINGS)}.",
+            "pe_options": "JSON, e.g. '{\"num_buckets\": 64}' for t5.",
+        },
+    )
+    cli.add_fields(
+        p,
+        TrainConfig,
+        skip=_SKIP_TRAIN,
+        values=preset,
+        extra_help={"eval_lengths": "Comma-separated; default 1x, 2x and 4x --seq-len."},
+    )
+    return p
 
 
 def build_config(args: argparse.Namespace):
-    """The preset, overridden by the flags that were given, as a `TrainConfig`."""
+    """The preset, overridden by the flags that were given, as a `TrainConfig`; every check
+    that can run before training runs here."""
     from jpe import TransformerConfig
+    from jpe.lab import cli
     from jpe.lab.train import TrainConfig
 
-    settings = load_preset(args.config)
-    for key, value in vars(args).items():
-        if value is not None and key not in ("config", "workdir", "no_progress", "bf16", "pack"):
-            settings[key] = value
+    cfg = cli.load_preset(CONFIGS, args.config)
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"preset {args.config!r} must return a TrainConfig")
+    model_flags = cli.given(args, TransformerConfig, skip=_SKIP_MODEL)
     if args.bf16:
-        settings["dtype"] = "bfloat16"
-    if args.pack:
-        settings["pack"] = True
-    model = {k: settings.pop(k) for k in list(settings) if k in _MODEL_FIELDS}
-    model["pe"] = settings.pop("pe")
-    seq_len = settings.get("seq_len", TrainConfig.seq_len)
-    settings.setdefault("eval_lengths", (seq_len, 2 * seq_len, 4 * seq_len))
-    settings.setdefault("eval_stride", max(1, seq_len // 4))
-    if model["pe"] == "learned":
-        model.setdefault("max_len", max(settings["eval_lengths"]))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"preset {args.config!r} has unknown settings {unknown}")
-    return TrainConfig(model=TransformerConfig(**model), **settings)
+        model_flags["dtype"] = "bfloat16"
+    if args.rope_scaling is not None:
+        options = dict(model_flags.get("pe_options") or {})
+        model_flags["pe_options"] = {**options, "scaling": args.rope_scaling}
+    model = cfg.model.replace(**model_flags)
+    changes = cli.given(args, TrainConfig, skip=_SKIP_TRAIN)
+    seq_len = changes.get("seq_len", cfg.seq_len)
+    if not changes.get("eval_lengths") and not cfg.eval_lengths:
+        changes["eval_lengths"] = (seq_len, 2 * seq_len, 4 * seq_len)
+    if "eval_stride" not in changes and cfg.eval_stride is None:
+        changes["eval_stride"] = max(1, seq_len // 4)
+    if "max_len" not in model_flags and model.encoding.position_limit(model) is not None:
+        # A bounded encoding's table covers every position the run uses, unless --max-len.
+        longest = dataclasses.replace(cfg, model=TransformerConfig(), **changes).longest_position
+        model = model.replace(max_len=longest)
+    return dataclasses.replace(cfg, model=model, **changes)
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    from jpe.lab import cli
+    from jpe.lab.train import NonFiniteLossError, train
+
+    # The preset first, so that --help shows its values as the defaults.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="tiny")
+    try:
+        preset = cli.load_preset(CONFIGS, pre.parse_known_args(argv)[0].config)
+    except ValueError:
+        preset = None  # reported by build_config with the full message
+    args = parser(preset).parse_args(argv)
+
     try:
         cfg = build_config(args)
         workdir = Path(args.workdir or ROOT / "runs" / f"lm-{cfg.model.pe}")
-        from jpe.lab.train import NonFiniteLossError, train
-
         print(f"training pe={cfg.model.pe} for {cfg.steps} steps in {workdir}", flush=True)
         result = train(cfg, workdir, progress=not args.no_progress)
     except ValueError as e:

@@ -103,7 +103,7 @@ def positions_from_mask(mask) -> jax.Array:
       ValueError: if `mask` is not boolean or integer, or has rank 0.
     """
     mask = jnp.asarray(mask)
-    if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
+    if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.integer)):
         raise ValueError(f"mask must have a boolean or integer dtype, got {mask.dtype}")
     _checks.min_rank("mask", mask, 1, "[..., L]")
     real = mask != 0

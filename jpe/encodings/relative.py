@@ -167,8 +167,13 @@ def alibi_bias(q_positions: ArrayLike, k_positions: ArrayLike, slopes: ArrayLike
 # ----------------------------------------------------------------------------- T5
 
 
-def _t5_check(num_buckets: int, max_distance: int, bidirectional: bool) -> tuple[int, int]:
-    """Returns (buckets per direction, exact buckets) after checking the static arguments."""
+def t5_check(num_buckets: int, max_distance: int, bidirectional: bool) -> tuple[int, int]:
+    """Checks T5's static bucket arguments; returns (buckets per direction, exact buckets).
+
+    Raises:
+      ValueError: `num_buckets` below 4 (odd) when bidirectional or below 2 otherwise, or
+        `max_distance` not above the exact buckets.
+    """
     if bidirectional:
         num_buckets = _checks.positive_int("num_buckets", num_buckets, minimum=4)
         if num_buckets % 2:
@@ -222,7 +227,7 @@ def t5_relative_bucket(
       ValueError: if `relative_position` is not integer, or the counts are out of range.
     """
     relative_position = _checks.integer_array("relative_position", relative_position)
-    per_direction, max_exact = _t5_check(num_buckets, max_distance, bidirectional)
+    per_direction, max_exact = t5_check(num_buckets, max_distance, bidirectional)
     relative_position = relative_position.astype(_int_dtype())
     if bidirectional:
         buckets = jnp.where(relative_position > 0, per_direction, 0)

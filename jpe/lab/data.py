@@ -213,7 +213,7 @@ def _as_bytes(name: str, tokens) -> np.ndarray:
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array of bytes, got shape {tokens.shape}")
-    if tokens.dtype == np.uint8:
+    if np.issubdtype(tokens.dtype, np.uint8):
         return tokens
     if not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"{name} must have an integer dtype (bytes), got {tokens.dtype}")

@@ -18,7 +18,7 @@ Two evaluation modes, because they answer different questions:
   every token is scored once, with contexts from 0 to L - 1, so a longer window also gives
   the *early* tokens of the training length more context;
 - sliding windows that score only each window's last `stride` tokens (at least L - stride
-  tokens of context): at L >= train_len + stride every scored token has at least a full
+  tokens of context): at L >= seq_len + stride every scored token has at least a full
   training length of context, so a gain there is extrapolation, not early tokens seeing more.
 
 A trained `rope` model is also evaluated with context-extension scalings applied at evaluation
@@ -31,16 +31,12 @@ randomized positions by naming it `PE+randomized`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from jpe.encodings import _checks
+from jpe.lab import report
 
 __all__ = [
     "ROPE_SCALINGS",
@@ -65,7 +61,7 @@ def parse_pe(spec: str) -> tuple[str, bool]:
     Raises:
       ValueError: an unknown encoding (the message lists the registered ones).
     """
-    from jpe.registry import ENCODINGS
+    from jpe.nn.registry import ENCODINGS
 
     name, randomized = spec, False
     if spec.endswith(RANDOMIZED):
@@ -84,11 +80,12 @@ class LabConfig:
 
     Attributes:
       pes: encodings to train, each a registered name, optionally with "+randomized".
-      train_len: the training length (tokens per row).
-      steps, batch_size, lr, warmup: the training budget, the same for every encoding.
+      seq_len: the training length (tokens per row).
+      steps, batch_size, lr, warmup: the training budget, the same for every encoding
+        (warm-up default: 10% of the steps).
       d_model, num_layers, num_heads: the model, the same for every encoding.
-      eval_lengths: evaluation lengths (default: 1x, 2x, 4x, ..., 32x train_len).
-      stride: sliding-window stride (default train_len // 4).
+      eval_lengths: evaluation lengths (default: 1x, 2x, 4x, ..., 32x seq_len).
+      stride: sliding-window stride (default seq_len // 4).
       eval_tokens: tokens each evaluation mode runs through the model per length (all the
         non-overlapping windows of the validation split when it is shorter; eval_tokens // L
         sliding windows).
@@ -100,11 +97,11 @@ class LabConfig:
     """
 
     pes: tuple[str, ...] = ()
-    train_len: int = 64
+    seq_len: int = 64
     steps: int = 300
     batch_size: int = 16
     lr: float = 3e-3
-    warmup: int = 30
+    warmup: int | None = None
     d_model: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -117,7 +114,7 @@ class LabConfig:
     data: str | None = None
 
     def __post_init__(self):
-        from jpe.registry import ENCODINGS
+        from jpe.nn.registry import ENCODINGS
 
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("pes", tuple(self.pes) or tuple(ENCODINGS))
@@ -125,14 +122,17 @@ class LabConfig:
             parse_pe(spec)
         if len(set(self.pes)) != len(self.pes):
             raise ValueError(f"pes: each encoding once, got {self.pes}")
-        for name in ("train_len", "steps", "batch_size", "d_model", "num_layers", "num_heads"):
+        for name in ("seq_len", "steps", "batch_size", "d_model", "num_layers", "num_heads"):
             _checks.positive_int(name, getattr(self, name))
+        if self.warmup is None:
+            set_("warmup", max(1, self.steps // 10))
+        _checks.positive_int("warmup", self.warmup, minimum=0)
         _checks.positive_int("eval_tokens", self.eval_tokens)
-        lengths = tuple(self.eval_lengths) or tuple(self.train_len * 2**i for i in range(6))
+        lengths = tuple(self.eval_lengths) or tuple(self.seq_len * 2**i for i in range(6))
         for length in lengths:
             _checks.positive_int("eval_lengths", length)
         set_("eval_lengths", tuple(sorted(set(lengths))))
-        set_("stride", self.stride or max(1, self.train_len // 4))
+        set_("stride", self.stride or max(1, self.seq_len // 4))
         _checks.positive_int("stride", self.stride)
         if self.stride > min(self.eval_lengths):
             raise ValueError(
@@ -147,16 +147,15 @@ class LabConfig:
             _checks.one_of("rope_scalings", name, ROPE_SCALINGS)
         if self.random_positions is None:
             set_("random_positions", max(self.eval_lengths))
-        if self.random_positions < self.train_len:
+        if self.random_positions < self.seq_len:
             raise ValueError(
-                f"random_positions ({self.random_positions}) must be >= train_len "
-                f"({self.train_len})"
+                f"random_positions ({self.random_positions}) must be >= seq_len ({self.seq_len})"
             )
 
     @property
     def max_len(self) -> int:
-        """Rows of a learned table: every position evaluated (untrained past train_len)."""
-        return max(*self.eval_lengths, self.random_positions, self.train_len)
+        """Rows of a learned table: every position evaluated (untrained past seq_len)."""
+        return max(*self.eval_lengths, self.random_positions, self.seq_len)
 
 
 def _train_config(lab: LabConfig, spec: str, seed: int):
@@ -175,7 +174,7 @@ def _train_config(lab: LabConfig, spec: str, seed: int):
         model=model,
         steps=lab.steps,
         batch_size=lab.batch_size,
-        seq_len=lab.train_len,
+        seq_len=lab.seq_len,
         lr=lab.lr,
         warmup=lab.warmup,
         seed=seed,
@@ -189,24 +188,25 @@ def _train_config(lab: LabConfig, spec: str, seed: int):
     )
 
 
-def scaled_rope_config(config, kind: str, length: int, train_len: int):
+def scaled_rope_config(config, kind: str, length: int, seq_len: int):
     """`config` with an evaluation-time rope scaling for windows of `length`.
 
-    factor = length / train_len (at least 1), `original_max_position_embeddings` = train_len;
+    factor = length / seq_len (at least 1), `original_max_position_embeddings` = seq_len;
     dynamic NTK grows its base with the sequence length itself and takes factor 1. YaRN and
     Llama 3 use Hugging Face's defaults (beta_fast 32, beta_slow 1; low/high frequency factors
     1 and 4).
     """
     _checks.one_of("kind", kind, ROPE_SCALINGS)
-    factor = max(1.0, length / train_len)
+    factor = max(1.0, length / seq_len)
     scaling = {"rope_type": kind, "factor": factor}
     if kind == "dynamic":
         scaling = {"rope_type": "dynamic", "factor": 1.0}
     if kind in ("dynamic", "yarn", "llama3"):
-        scaling["original_max_position_embeddings"] = train_len
+        scaling["original_max_position_embeddings"] = seq_len
     if kind == "llama3":
         scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
-    return config.replace(rope_scaling=scaling)
+    options = {**config.pe_options.non_default(), "scaling": scaling}
+    return config.replace(pe_options=options)
 
 
 def _evaluate_rope_scalings(lab: LabConfig, model, corpus_val) -> dict:
@@ -221,7 +221,7 @@ def _evaluate_rope_scalings(lab: LabConfig, model, corpus_val) -> dict:
     for kind in lab.rope_scalings:
         out[kind] = {"ppl": {}, "ppl_sliding": {}}
         for length in lab.eval_lengths:
-            config = scaled_rope_config(model.config, kind, length, lab.train_len)
+            config = scaled_rope_config(model.config, kind, length, lab.seq_len)
             scaled = Transformer(config, rngs=nnx.Rngs(0))
             nnx.update(scaled, params)  # the trained weights; only the rotation changes
             r = evaluate(
@@ -271,180 +271,55 @@ def run(lab: LabConfig, workdir: str | os.PathLike, *, progress: bool = True, lo
             log(f"      rope scalings at evaluation: {', '.join(lab.rope_scalings)}")
             for kind, r in _evaluate_rope_scalings(lab, result["model"], corpus.val).items():
                 runs.setdefault(f"rope+{kind}", {})[seed] = {**r, "loss_by_position": None}
-    details = {
-        "config": dataclasses.asdict(lab),
-        "runs": {spec: {str(s): r for s, r in by_seed.items()} for spec, by_seed in runs.items()},
-        "machine": _machine(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    runs = {spec: {str(s): r for s, r in by_seed.items()} for spec, by_seed in runs.items()}
+    details = report.details(dataclasses.asdict(lab), runs, time.perf_counter() - started)
     write_outputs(details, workdir)
     return details
 
 
-def _machine() -> str:
-    import jax
-
-    return (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"jax {jax.__version__} on {jax.default_backend()} "
-        f"({jax.device_count()} {jax.devices()[0].device_kind} device(s))"
+def _lm_spec(details: dict) -> report.ReportSpec:
+    cfg = details["config"]
+    seq_len = cfg["seq_len"]
+    stride = cfg["stride"]
+    return report.ReportSpec(
+        metrics=(
+            report.Metric(
+                "ppl",
+                "Validation perplexity, non-overlapping windows (every token scored once)",
+                "validation perplexity (bytes)",
+            ),
+            report.Metric(
+                "ppl_sliding",
+                f"Validation perplexity, sliding windows (each window scores its last {stride} "
+                f"tokens, which have at least L − {stride} tokens of context)",
+                "validation perplexity (bytes)",
+            ),
+        ),
+        summary=(
+            f"Trained at length {seq_len} for {cfg['steps']} steps (batch "
+            f"{cfg['batch_size']}, d_model {cfg['d_model']}, {cfg['num_layers']} layers, "
+            f"{cfg['num_heads']} heads), seeds {', '.join(map(str, cfg['seeds']))}; "
+            f"up to {cfg['eval_tokens']:,} tokens per length and mode. Machine: "
+            f"{details['machine']}. Command: `{details['command']}`."
+        ),
+        column=lambda n: f"{n} ({n // seq_len}x)" if n % seq_len == 0 else str(n),
+        x_label="evaluation length (tokens)",
+        train_size=(seq_len, f"training length {seq_len}"),
+        figure="extrapolation.png",
+        title=(
+            f"Length extrapolation: trained at {seq_len} for {cfg['steps']} steps, "
+            f"seeds {', '.join(map(str, cfg['seeds']))}"
+        ),
+        log=True,
     )
-
-
-def _aggregate(details: dict, key: str) -> dict[str, dict[str, tuple[float, float, float]]]:
-    """{spec: {length: (mean, min, max) over seeds}} for `key` ("ppl" or "ppl_sliding")."""
-    out = {}
-    for spec, by_seed in details["runs"].items():
-        lengths = sorted({int(k) for r in by_seed.values() for k in r.get(key, {})})
-        agg = {}
-        for length in lengths:
-            values = [r[key][str(length)] for r in by_seed.values() if str(length) in r[key]]
-            agg[str(length)] = (float(np.mean(values)), min(values), max(values))
-        if agg:
-            out[spec] = agg
-    return out
 
 
 def write_outputs(details: dict, workdir: str | os.PathLike) -> None:
-    """`results.json`, `details.json`, `results.md` and the two figures from `details`."""
+    """`results.json`, `details.json`, `results.md`, `extrapolation.png` and
+    `position_loss.png` from a language-model lab's `details`."""
     workdir = Path(workdir)
-    ppl = _aggregate(details, "ppl")
-    results = {spec: {k: v[0] for k, v in by_len.items()} for spec, by_len in ppl.items()}
-    (workdir / "results.json").write_text(json.dumps(results, indent=1))
-    (workdir / "details.json").write_text(json.dumps(details, indent=1))
-    (workdir / "results.md").write_text(_markdown(details))
-    _plot(details, workdir)
-
-
-def _fmt(cell: tuple[float, float, float], seeds: int) -> str:
-    mean, lo, hi = cell
-    text = f"{mean:.2f}" if mean < 1000 else f"{mean:.3g}"
-    if seeds > 1:
-        text += f" ({lo:.2f}–{hi:.2f})" if hi < 1000 else f" ({lo:.3g}–{hi:.3g})"
-    return text
-
-
-def _markdown(details: dict) -> str:
-    cfg = details["config"]
-    seeds = len(cfg["seeds"])
-    lines = [
-        f"Trained at length {cfg['train_len']} for {cfg['steps']} steps (batch "
-        f"{cfg['batch_size']}, d_model {cfg['d_model']}, {cfg['num_layers']} layers, "
-        f"{cfg['num_heads']} heads), seeds {', '.join(map(str, cfg['seeds']))}; "
-        f"up to {cfg['eval_tokens']:,} tokens per length and mode. Machine: "
-        f"{details['machine']}. "
-        f"Command: `{details['command']}`.",
-        "",
-    ]
-    if seeds > 1:
-        lines += ["Cells: mean over seeds (min–max).", ""]
-    titles = {
-        "ppl": "Validation perplexity, non-overlapping windows (every token scored once)",
-        "ppl_sliding": f"Validation perplexity, sliding windows (each window scores its last "
-        f"{cfg['stride']} tokens, which have at least L − {cfg['stride']} tokens of context)",
-    }
-    for key, title in titles.items():
-        agg = _aggregate(details, key)
-        lengths = sorted({int(k) for by_len in agg.values() for k in by_len})
-        if not lengths:
-            continue
-        train_len = cfg["train_len"]
-        header = [f"{n} ({n // train_len}x)" if n % train_len == 0 else str(n) for n in lengths]
-        lines += [f"### {title}", "", "| pe | " + " | ".join(header) + " |"]
-        lines.append("|---|" + "---:|" * len(lengths))
-        for spec, by_len in agg.items():
-            cells = [_fmt(by_len[str(n)], seeds) if str(n) in by_len else "" for n in lengths]
-            lines.append(f"| {spec} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _line_styles(specs) -> dict[str, dict]:
-    """One colour per base encoding; its variants (rope scalings, randomized positions) share
-    the colour with their own dash pattern and marker."""
-    import matplotlib.pyplot as plt
-
-    palette = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
-    bases = list(dict.fromkeys(spec.split("+")[0] for spec in specs))
-    dashes = ["--", "-.", ":", (0, (6, 2, 1, 2, 1, 2)), (0, (8, 3))]
-    markers = ["s", "^", "v", "D", "x", "P"]
-    out, variant = {}, {}
-    for spec in specs:
-        base = spec.split("+")[0]
-        color = palette[bases.index(base) % len(palette)]
-        if "+" not in spec:
-            out[spec] = {"color": color, "linestyle": "-", "marker": "o"}
-        else:
-            k = variant[base] = variant.get(base, -1) + 1
-            out[spec] = {"color": color, "linestyle": dashes[k % 5], "marker": markers[k % 6]}
-    return out
-
-
-def _plot(details: dict, workdir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = details["config"]
-    train_len = cfg["train_len"]
-    modes = [("ppl", "non-overlapping windows"), ("ppl_sliding", "sliding windows")]
-    modes = [(k, t) for k, t in modes if _aggregate(details, k)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5.5), squeeze=False)
-    specs = list(details["runs"])
-    style = _line_styles(specs)
-    for ax, (key, title) in zip(axes[0], modes, strict=True):
-        agg = _aggregate(details, key)
-        for spec in specs:
-            if spec not in agg:
-                continue
-            lengths = sorted(int(n) for n in agg[spec])
-            mean = np.array([agg[spec][str(n)][0] for n in lengths])
-            lo = np.array([agg[spec][str(n)][1] for n in lengths])
-            hi = np.array([agg[spec][str(n)][2] for n in lengths])
-            (line,) = ax.plot(lengths, mean, ms=3, label=spec, **style[spec])
-            if len(cfg["seeds"]) > 1:
-                ax.fill_between(lengths, lo, hi, color=line.get_color(), alpha=0.15)
-        ax.axvline(train_len, color="black", lw=1, ls=":", label=f"training length {train_len}")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(cfg["eval_lengths"], [str(n) for n in cfg["eval_lengths"]])
-        ax.set_yscale("log")
-        ax.set_xlabel("evaluation length (tokens)")
-        ax.set_ylabel("validation perplexity (bytes)")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(
-        f"Length extrapolation: trained at {train_len} for {cfg['steps']} steps, "
-        f"seeds {', '.join(map(str, cfg['seeds']))}"
-    )
-    fig.tight_layout()
-    fig.savefig(workdir / "extrapolation.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    longest = max(cfg["eval_lengths"])
-    for spec in specs:
-        curves = [r["loss_by_position"] for r in details["runs"][spec].values()]
-        curves = [c for c in curves if c]
-        if not curves:
-            continue
-        curve = np.mean(np.array(curves), axis=0)
-        width = max(1, longest // 64)
-        smooth = np.convolve(curve, np.ones(width) / width, mode="valid")
-        ax.plot(np.arange(len(smooth)) + width // 2, smooth, label=spec, lw=1,
-                **{**style[spec], "marker": None})  # fmt: skip
-    ax.axvline(train_len, color="black", lw=1, ls=":", label=f"training length {train_len}")
-    ax.set_xscale("symlog", linthresh=max(1, train_len // 8), base=2)
-    ax.set_xlabel(f"position in a window of {longest} tokens")
-    ax.set_ylabel(f"mean loss (nats/byte, running mean over {max(1, longest // 64)})")
-    ax.set_title("Loss at each position (non-overlapping windows)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(workdir / "position_loss.png", dpi=120)
-    plt.close(fig)
+    report.write(details, workdir, _lm_spec(details))
+    report.plot_position_loss(details, workdir / "position_loss.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +334,17 @@ class TaskLabConfig:
     Each encoding trains on problem sizes 1..task_len and is tested at `test_lengths`
     (default: task_len, 2x, 3x and 4x), as Ruoss et al. (2023) and Kazemnejad et al. (2023)
     test beyond the training range.
+
+    Attributes:
+      task: copy, reverse, sort, parity or recall (`jpe.lab.tasks.TASKS`).
+      pes: encodings to train, each a registered name, optionally with "+randomized".
+      task_len: train on problem sizes 1..task_len.
+      steps, batch_size, lr: the training budget, the same for every encoding.
+      d_model, num_layers, num_heads: the model, the same for every encoding.
+      seeds: one run per seed and encoding.
+      test_lengths: problem sizes to test (default 1x, 2x, 3x and 4x task_len).
+      random_positions: the range of randomized positions (default 8x the longest test
+        sequence).
     """
 
     task: str = "copy"
@@ -476,7 +362,7 @@ class TaskLabConfig:
 
     def __post_init__(self):
         from jpe.lab import tasks
-        from jpe.registry import ENCODINGS
+        from jpe.nn.registry import ENCODINGS
 
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         _checks.one_of("task", self.task, tasks.TASKS)
@@ -509,9 +395,9 @@ def run_tasks(lab: TaskLabConfig, workdir: str | os.PathLike, *, progress: bool 
     for i, (spec, seed) in enumerate(((p, s) for p in lab.pes for s in lab.seeds), 1):
         log(f"[{i}/{total}] {lab.task}: {spec}, seed {seed}")
         name, randomized = parse_pe(spec)
-        result = tasks.run_task(
-            lab.task,
-            name,
+        config = tasks.TaskConfig(
+            task=lab.task,
+            pe=name,
             train_lengths=(1, lab.task_len),
             test_lengths=lab.test_lengths,
             steps=lab.steps,
@@ -524,74 +410,36 @@ def run_tasks(lab: TaskLabConfig, workdir: str | os.PathLike, *, progress: bool 
             random_positions=(lab.random_positions or 8 * max(lab.test_lengths) + 8)
             if randomized
             else None,
-            progress=progress,
         )
+        result = tasks.run_task(config, progress=progress)
         runs.setdefault(spec, {})[str(seed)] = {
             "accuracy": {str(k): float(v) for k, v in result["accuracy"].items()},
             "token_accuracy": {str(k): float(v) for k, v in result["token_accuracy"].items()},
         }
-    details = {
-        "config": dataclasses.asdict(lab),
-        "runs": runs,
-        "machine": _machine(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    _write_task_outputs(details, workdir)
+    details = report.details(dataclasses.asdict(lab), runs, time.perf_counter() - started)
+    report.write(details, workdir, _task_spec(details))
     return details
 
 
-def _write_task_outputs(details: dict, workdir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _task_spec(details: dict) -> report.ReportSpec:
     cfg = details["config"]
-    acc = _aggregate(details, "accuracy")
-    tok = _aggregate(details, "token_accuracy")
-    results = {spec: {k: v[0] for k, v in by_len.items()} for spec, by_len in acc.items()}
-    (workdir / "results.json").write_text(json.dumps(results, indent=1))
-    (workdir / "details.json").write_text(json.dumps(details, indent=1))
-    lengths = list(cfg["test_lengths"])
-    seeds = len(cfg["seeds"])
-    lines = [
-        f"Task `{cfg['task']}`: trained on sizes 1..{cfg['task_len']} for {cfg['steps']} steps "
-        f"(batch {cfg['batch_size']}, d_model {cfg['d_model']}, {cfg['num_layers']} layers, "
-        f"{cfg['num_heads']} heads), seeds {', '.join(map(str, cfg['seeds']))}. Machine: "
-        f"{details['machine']}. Command: `{details['command']}`.",
-        "",
-    ]
-    for title, agg in (("Exact-match accuracy", acc), ("Per-token accuracy", tok)):
-        lines += [f"### {title} by problem size", ""]
-        lines.append("| pe | " + " | ".join(map(str, lengths)) + " |")
-        lines.append("|---|" + "---:|" * len(lengths))
-        for spec, by_len in agg.items():
-            cells = []
-            for n in lengths:
-                mean, lo, hi = by_len[str(n)]
-                cells.append(f"{mean:.2f}" + (f" ({lo:.2f}–{hi:.2f})" if seeds > 1 else ""))
-            lines.append(f"| {spec} | " + " | ".join(cells) + " |")
-        lines.append("")
-    (workdir / "results.md").write_text("\n".join(lines))
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    style = _line_styles(list(acc))
-    for spec, by_len in acc.items():
-        mean = [by_len[str(n)][0] for n in lengths]
-        (line,) = ax.plot(lengths, mean, label=spec, ms=4, **style[spec])
-        if seeds > 1:
-            lo = [by_len[str(n)][1] for n in lengths]
-            hi = [by_len[str(n)][2] for n in lengths]
-            ax.fill_between(lengths, lo, hi, color=line.get_color(), alpha=0.15)
-    ax.axvline(cfg["task_len"], color="black", lw=1, ls=":", label="longest training size")
-    ax.set_xticks(lengths)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("problem size")
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_title(f"Length generalisation on {cfg['task']}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(workdir / "accuracy.png", dpi=120)
-    plt.close(fig)
+    return report.ReportSpec(
+        metrics=(
+            report.Metric(
+                "accuracy", "Exact-match accuracy by problem size", "exact-match accuracy"
+            ),
+            report.Metric("token_accuracy", "Per-token accuracy by problem size", plot=False),
+        ),
+        summary=(
+            f"Task `{cfg['task']}`: trained on sizes 1..{cfg['task_len']} for {cfg['steps']} "
+            f"steps (batch {cfg['batch_size']}, d_model {cfg['d_model']}, {cfg['num_layers']} "
+            f"layers, {cfg['num_heads']} heads), seeds {', '.join(map(str, cfg['seeds']))}. "
+            f"Machine: {details['machine']}. Command: `{details['command']}`."
+        ),
+        column=str,
+        x_label="problem size",
+        train_size=(cfg["task_len"], "longest training size"),
+        figure="accuracy.png",
+        title=f"Length generalisation on {cfg['task']}",
+        y_range=(-0.02, 1.02),
+    )

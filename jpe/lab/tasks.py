@@ -20,9 +20,10 @@ bits or key-value pairs):
 
 `make_batch` returns it shifted for teacher forcing: `inputs` = the sequence without its last
 token, `targets` = without its first, and `weights` 1 exactly where `targets` is an answer
-token `y_j` (the input symbols are not scored). `run_task` trains a fresh causal
-`jpe.Transformer` on problem sizes drawn from `train_lengths` and reports, per test size, the
-exact-match accuracy of the whole answer and the per-token accuracy.
+token `y_j` (the input symbols are not scored). `run_task(TaskConfig(...))` trains a fresh
+causal `jpe.Transformer` on problem sizes drawn from `train_lengths` with the lab's training
+core (`jpe.lab.core`) and reports, per test size, the exact-match accuracy of the whole answer
+and the per-token accuracy.
 
 Vocabulary (`VOCAB_SIZE` = 23 tokens, shared by all tasks):
 
@@ -33,22 +34,21 @@ Vocabulary (`VOCAB_SIZE` = 23 tokens, shared by all tasks):
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jpe.encodings import _checks
 from jpe.encodings.positions import randomized_positions
-from jpe.lab.train import flatten_model
+from jpe.lab import core
 from jpe.nn.config import TransformerConfig
+from jpe.nn.registry import encoding_class
 from jpe.nn.transformer import Transformer
-from jpe.registry import ENCODINGS
 
 __all__ = [
     "BOS",
@@ -58,6 +58,7 @@ __all__ = [
     "PAD",
     "SEP",
     "TASKS",
+    "TaskConfig",
     "VOCAB_SIZE",
     "answer_length",
     "chance_accuracy",
@@ -236,91 +237,142 @@ def _subset_positions(key, shape, true_length, max_position):
     return jnp.take_along_axis(full, order, axis=-1)
 
 
-def _optimizer(lr: float, steps: int, warmup: int, weight_decay: float, clip: float):
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=lr,
-        warmup_steps=warmup,
-        decay_steps=max(steps, warmup + 1),
-        end_value=lr * 0.1,
-    )
-    decay_mask = lambda params: {k: np.ndim(v) >= 2 and "embed" not in k for k, v in params.items()}
-    tx = optax.chain(
-        optax.clip_by_global_norm(clip),
-        optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=weight_decay, mask=decay_mask),
-    )
-    return tx, schedule
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """One synthetic-task run: the task, the model, the budget and the evaluation.
 
+    Training: each step draws a problem size n uniformly from `train_lengths` (inclusive) and
+    a batch of `batch_size` examples of that size (`make_batch`), padded on the right to the
+    longest training sequence with PAD tokens of weight 0, so the step compiles once. The loss
+    is the mean cross-entropy over answer tokens. With `random_positions` = R, each row's
+    positions are a sorted sample without replacement from [0, R) (Ruoss et al. 2023), drawn
+    for the row's real tokens, in training and, by default, at evaluation too, as Ruoss et
+    al.'s code does (`eval_random_positions=False` evaluates with 0..T-1 instead: a mismatch
+    that costs most of the accuracy even at the training sizes).
 
-def _weighted_nll(logits, targets, weights):
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def run_task(
-    task: str,
-    pe: str,
-    *,
-    train_lengths: tuple[int, int] = (1, 8),
-    test_lengths: Sequence[int] | None = None,
-    steps: int = 1000,
-    batch_size: int = 32,
-    seed: int = 0,
-    d_model: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    lr: float = 1e-3,
-    random_positions: int | None = None,
-    progress: bool = False,
-    warmup: int | None = None,
-    weight_decay: float = 0.01,
-    clip: float = 1.0,
-    max_len: int | None = None,
-    eval_examples: int = 256,
-    eval_random_positions: bool | None = None,
-    log_every: int = 10,
-    config_overrides: Mapping | None = None,
-) -> dict:
-    """Trains a fresh causal `jpe.Transformer` on `task` and scores its answers per length.
-
-    Training: AdamW (Optax) with linear warm-up, cosine decay to 10% of `lr` and global-norm
-    clipping, one `jax.jit`-compiled step. Each step draws a problem size n uniformly from
-    `train_lengths` (inclusive) and a batch of `batch_size` examples of that size
-    (`make_batch`), padded on the right to the longest training sequence with PAD tokens of
-    weight 0, so the step compiles once. The loss is the mean cross-entropy over answer
-    tokens. With `random_positions` = R, each row's positions are a sorted sample without
-    replacement from [0, R) (Ruoss et al. 2023; `jpe.encodings.positions.randomized_positions`),
-    drawn for the row's real tokens, in training and, by default, at evaluation too, as Ruoss
-    et al.'s code does (`eval_random_positions=False` evaluates with 0..T-1 instead: a
-    mismatch that costs most of the accuracy even at the training sizes).
-
-    Evaluation, per test size n (one compile per size): `eval_examples` fresh examples
-    (NumPy generator seeded by `(seed, n)`, independent of training), scored with teacher
-    forcing and argmax. An answer counts as exactly matched when every answer token is
-    right, which is the same as greedy decoding getting the whole answer right.
-
-    Args:
+    Attributes:
       task: one of `TASKS`.
-      pe: one of `jpe.ENCODINGS`.
+      pe, pe_options: the encoding (one of `jpe.ENCODINGS`) and its options.
       train_lengths: `(lo, hi)` problem sizes trained on, 1 <= lo <= hi.
       test_lengths: problem sizes to evaluate (default `(hi, 2 * hi, 4 * hi)`).
+      d_model, num_layers, num_heads: the Transformer's sizes.
+      max_len: `TransformerConfig.max_len`; defaults to the longest position the run uses,
+        and a bounded encoding (`learned`) with a smaller one is an error.
       steps, batch_size, seed: optimisation steps, rows per step, and the one seed of
         parameters, batches and random positions.
-      d_model, num_layers, num_heads: the Transformer's sizes.
-      lr, warmup, weight_decay, clip: peak learning rate, warm-up steps (default 10% of
-        `steps`), AdamW's decoupled weight decay (not on norms, biases and embeddings), and
-        the gradient-norm clip.
-      random_positions: R for randomized positions, >= the longest training sequence
-        (Ruoss et al. use R much longer than any test sequence).
-      progress: show a tqdm progress bar with the loss.
-      max_len: `TransformerConfig.max_len`; for `pe="learned"` it defaults to the longest
-        position the run uses, and a smaller value is an error.
-      eval_examples: examples per test size.
+      lr, warmup, weight_decay, clip: as `jpe.lab.core.make_optimizer` (warm-up default: 10%
+        of `steps`).
+      random_positions: R for randomized positions, >= the longest training sequence.
       eval_random_positions: randomize positions at evaluation too (default: when
         `random_positions` is set; needs R >= the longest test sequence).
+      eval_examples: fresh examples per test size.
       log_every: steps between recorded losses.
-      config_overrides: other `TransformerConfig` fields (e.g. `{"rope_base": 500.0}`).
+    """
+
+    task: str = "copy"
+    pe: str = "rope"
+    pe_options: Mapping | None = None
+    train_lengths: tuple[int, int] = (1, 8)
+    test_lengths: tuple[int, ...] | None = None
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    max_len: int | None = None
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    lr: float = 1e-3
+    warmup: int | None = None
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    random_positions: int | None = None
+    eval_random_positions: bool | None = None
+    eval_examples: int = 256
+    log_every: int = 10
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        _check_task(self.task)
+        encoding_class(self.pe)
+        train_lengths = _lengths("train_lengths", self.train_lengths)
+        if len(train_lengths) != 2 or train_lengths[0] > train_lengths[1]:
+            raise ValueError(
+                f"train_lengths must be (lo, hi) with 1 <= lo <= hi, got {train_lengths!r}"
+            )
+        set_("train_lengths", train_lengths)
+        hi = train_lengths[1]
+        tests = (hi, 2 * hi, 4 * hi) if self.test_lengths is None else self.test_lengths
+        set_("test_lengths", _lengths("test_lengths", tests))
+        for name in ("steps", "batch_size", "d_model", "num_layers", "num_heads",
+                     "eval_examples", "log_every"):  # fmt: skip
+            _checks.positive_int(name, getattr(self, name))
+        _checks.positive_int("seed", self.seed, minimum=0)
+        _checks.positive_float("lr", self.lr)
+        _checks.positive_float("weight_decay", self.weight_decay, allow_zero=True)
+        _checks.positive_float("clip", self.clip)
+        if self.warmup is None:
+            set_("warmup", max(1, self.steps // 10))
+        _checks.positive_int("warmup", self.warmup, minimum=0)
+
+        train_width = sequence_length(self.task, hi)
+        test_width = max(sequence_length(self.task, n) for n in self.test_lengths)
+        if self.eval_random_positions is None:
+            set_("eval_random_positions", self.random_positions is not None)
+        if self.random_positions is not None:
+            _checks.positive_int("random_positions", self.random_positions)
+            if self.random_positions < train_width:
+                raise ValueError(
+                    f"random_positions ({self.random_positions}) must be >= the longest "
+                    f"training sequence ({train_width} tokens for {self.task} of size {hi}): "
+                    "each row samples that many distinct positions"
+                )
+            if self.eval_random_positions and self.random_positions < test_width:
+                raise ValueError(
+                    f"eval_random_positions needs random_positions ({self.random_positions}) "
+                    f">= the longest test sequence ({test_width} tokens)"
+                )
+        elif self.eval_random_positions:
+            raise ValueError("eval_random_positions=True needs random_positions")
+        needed = max(train_width, test_width, self.random_positions or 0)
+        if self.max_len is None:
+            set_("max_len", needed)
+        _checks.positive_int("max_len", self.max_len)
+        limit = self.model.encoding.position_limit(self.model)
+        if limit is not None and limit < needed:
+            raise ValueError(
+                f"pe={self.pe!r} with max_len={limit} cannot hold the {needed} positions this "
+                f"run uses (test sequences up to {test_width} tokens"
+                + (f", random_positions={self.random_positions}" if self.random_positions else "")
+                + "): raise max_len or drop the longer test_lengths"
+            )
+
+    @property
+    def model(self) -> TransformerConfig:
+        """The causal Transformer this run trains."""
+        return TransformerConfig(
+            pe=self.pe,
+            pe_options=self.pe_options,
+            vocab_size=VOCAB_SIZE,
+            d_model=self.d_model,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            causal=True,
+            max_len=self.max_len,
+        )
+
+    def replace(self, **changes) -> TaskConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def run_task(config: TaskConfig, *, progress: bool = False) -> dict:
+    """Trains a fresh causal `jpe.Transformer` on `config.task` and scores its answers per
+    length.
+
+    Training runs on the lab's core (`jpe.lab.core`: AdamW, the weighted cross-entropy, one
+    jitted step). Evaluation, per test size n (one compile per size): `eval_examples` fresh
+    examples (NumPy generator seeded by `(seed, n)`, independent of training), scored with
+    teacher forcing and argmax. An answer counts as exactly matched when every answer token is
+    right, which is the same as greedy decoding getting the whole answer right.
 
     Returns:
       `{"accuracy": {n: exact-match accuracy}, "token_accuracy": {n: per-answer-token
@@ -330,141 +382,62 @@ def run_task(
       accuracies in [0, 1].
 
     Raises:
-      ValueError: an unknown `task` or `pe`; lengths, sizes or steps that are not positive
-        integers; `lo > hi`; `random_positions` shorter than a sequence it must cover; or
-        `pe="learned"` with a `max_len` below the longest position the run needs.
+      ValueError: `config` is not a `TaskConfig`.
+      NonFiniteLossError: the loss became NaN or infinite.
     """
-    _check_task(task)
-    if pe not in ENCODINGS:
-        raise ValueError(
-            f"unknown positional encoding pe={pe!r}; valid names: {', '.join(ENCODINGS)}"
-        )
-    train_lengths = _lengths("train_lengths", train_lengths)
-    if len(train_lengths) != 2 or train_lengths[0] > train_lengths[1]:
-        raise ValueError(
-            f"train_lengths must be (lo, hi) with 1 <= lo <= hi, got {train_lengths!r}"
-        )
-    lo, hi = train_lengths
-    test_lengths = _lengths(
-        "test_lengths", (hi, 2 * hi, 4 * hi) if test_lengths is None else test_lengths
+    if not isinstance(config, TaskConfig):
+        raise ValueError(f"config must be a jpe.lab.tasks.TaskConfig, got {type(config).__name__}")
+    c = config
+    lo, hi = c.train_lengths
+    train_width = sequence_length(c.task, hi)
+    model_config = c.model
+    tx, schedule = core.make_optimizer(
+        lr=c.lr, steps=c.steps, warmup=c.warmup, weight_decay=c.weight_decay, clip=c.clip
     )
-    sizes = dict(steps=steps, batch_size=batch_size, d_model=d_model, num_layers=num_layers,
-                 num_heads=num_heads, eval_examples=eval_examples, log_every=log_every)  # fmt: skip
-    for name, value in sizes.items():
-        _checks.positive_int(name, value)
-    _checks.positive_int("seed", seed, minimum=0)
-    lr = _checks.positive_float("lr", lr)
-    weight_decay = _checks.positive_float("weight_decay", weight_decay, allow_zero=True)
-    clip = _checks.positive_float("clip", clip)
-    warmup = (
-        max(1, steps // 10) if warmup is None else _checks.positive_int("warmup", warmup, minimum=0)
-    )
+    base_key, eval_key = jax.random.split(jax.random.PRNGKey(c.seed))
 
-    train_width = sequence_length(task, hi)
-    test_width = max(sequence_length(task, n) for n in test_lengths)
-    if eval_random_positions is None:
-        eval_random_positions = random_positions is not None
-    if random_positions is not None:
-        random_positions = _checks.positive_int("random_positions", random_positions)
-        if random_positions < train_width:
-            raise ValueError(
-                f"random_positions ({random_positions}) must be >= the longest training "
-                f"sequence ({train_width} tokens for {task} of size {hi}): each row samples "
-                "that many distinct positions"
-            )
-        if eval_random_positions and random_positions < test_width:
-            raise ValueError(
-                f"eval_random_positions needs random_positions ({random_positions}) >= the "
-                f"longest test sequence ({test_width} tokens)"
-            )
-    elif eval_random_positions:
-        raise ValueError("eval_random_positions=True needs random_positions")
-    needed = max(train_width, test_width, random_positions or 0)
-    if max_len is None:
-        max_len = needed if pe == "learned" else max(needed, TransformerConfig.max_len)
-    max_len = _checks.positive_int("max_len", max_len)
-    if pe == "learned" and max_len < needed:
-        raise ValueError(
-            f"pe='learned' with max_len={max_len} cannot hold the {needed} positions this run "
-            f"uses (test sequences up to {test_width} tokens"
-            + (f", random_positions={random_positions}" if random_positions else "")
-            + "): raise max_len or drop the longer test_lengths"
+    def positions_fn(batch, step):
+        if c.random_positions is None:
+            return None
+        key = jax.random.fold_in(base_key, step)
+        return _subset_positions(
+            key, batch["inputs"].shape, batch["true_length"], c.random_positions
         )
 
-    config = TransformerConfig(
-        pe=pe,
-        vocab_size=VOCAB_SIZE,
-        d_model=d_model,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        causal=True,
-        max_len=max_len,
-        **dict(config_overrides or {}),
+    state = core.init_state(
+        Transformer(model_config, rngs=nnx.Rngs(c.seed)), tx, positions_fn=positions_fn
     )
-    build, params = flatten_model(Transformer(config, rngs=nnx.Rngs(seed)))
-    tx, schedule = _optimizer(lr, steps, warmup, weight_decay, clip)
-    opt_state = tx.init(params)
-    base_key, eval_key = jax.random.split(jax.random.PRNGKey(seed))
+    rng = np.random.default_rng([c.seed, 0])
 
-    def train_step(params, opt_state, batch, step, true_length):
-        if random_positions is not None:
-            key = jax.random.fold_in(base_key, step)
-            positions = _subset_positions(key, batch["inputs"].shape, true_length, random_positions)
-        else:
-            positions = None
+    def batch_at(step):
+        n = int(rng.integers(lo, hi + 1))
+        batch = _pad(make_batch(c.task, rng, c.batch_size, n), train_width)
+        return {**batch, "true_length": np.int32(sequence_length(c.task, n))}
 
-        def loss_fn(p):
-            logits = build(p)(batch["inputs"], positions=positions)
-            return _weighted_nll(logits, batch["targets"], batch["weights"])
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    step_fn = jax.jit(train_step, donate_argnums=(0, 1))
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, unit="step", dynamic_ncols=True, mininterval=0.5,
-                   desc=f"{task}/{pe}")  # fmt: skip
-    rng = np.random.default_rng([seed, 0])
-    losses = []
     start = time.perf_counter()
-    try:
-        for step in range(steps):
-            n = int(rng.integers(lo, hi + 1))
-            batch = _pad(make_batch(task, rng, batch_size, n), train_width)
-            true_length = np.int32(sequence_length(task, n))
-            params, opt_state, loss = step_fn(params, opt_state, batch, np.int32(step), true_length)
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                value = float(loss)
-                losses.append((step + 1, value))
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"the loss is {value} at step {step + 1} ({task}, pe={pe}); lower lr"
-                    )
-                if bar is not None:
-                    bar.set_postfix(loss=f"{value:.3f}", lr=f"{float(schedule(step)):.1e}")
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    params, _, records = core.fit(
+        state,
+        batch_at,
+        steps=c.steps,
+        schedule=schedule,
+        log_every=c.log_every,
+        progress=progress,
+        desc=f"{c.task}/{c.pe}",
+    )
     train_seconds = time.perf_counter() - start
+    build = state.build
 
     @jax.jit
     def predict(params, inputs, positions):
         return jnp.argmax(build(params)(inputs, positions=positions), axis=-1).astype(jnp.int32)
 
     accuracy, token_accuracy, chance = {}, {}, {}
-    for n in test_lengths:
-        batch = make_batch(task, np.random.default_rng([seed, 1, n]), eval_examples, n)
+    for n in c.test_lengths:
+        batch = make_batch(c.task, np.random.default_rng([c.seed, 1, n]), c.eval_examples, n)
         shape = batch["inputs"].shape
-        if eval_random_positions:
+        if c.eval_random_positions:
             positions = randomized_positions(
-                jax.random.fold_in(eval_key, n), shape, random_positions
+                jax.random.fold_in(eval_key, n), shape, c.random_positions
             )
         else:
             positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
@@ -473,19 +446,20 @@ def run_task(
         right = preds == batch["targets"]
         accuracy[n] = float(np.mean(np.all(right | ~scored, axis=1)))
         token_accuracy[n] = float(right[scored].mean())
-        chance[n] = chance_accuracy(task, n)
+        chance[n] = chance_accuracy(c.task, n)
 
+    losses = [(r["step"], r["loss"]) for r in records]
     return {
-        "task": task,
-        "pe": pe,
+        "task": c.task,
+        "pe": c.pe,
         "train_lengths": (lo, hi),
-        "random_positions": random_positions,
+        "random_positions": c.random_positions,
         "accuracy": accuracy,
         "token_accuracy": token_accuracy,
         "chance": chance,
         "losses": losses,
         "final_loss": losses[-1][1],
         "train_seconds": train_seconds,
-        "config": config,
+        "config": model_config,
         "model": build(params),
     }

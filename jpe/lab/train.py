@@ -14,37 +14,30 @@ import dataclasses
 import json
 import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jpe.encodings import _checks
 from jpe.encodings.positions import randomized_positions
+from jpe.lab import core, sharding
 from jpe.lab import data as data_lib
-from jpe.lab import sharding
+from jpe.lab.core import NonFiniteLossError, flatten_model
 from jpe.nn.config import TransformerConfig
 from jpe.nn.transformer import Transformer
 
 __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
-    "Training",
     "evaluate",
     "flatten_model",
     "init_training",
     "train",
 ]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,86 +114,25 @@ class TrainConfig:
                     f"(up to {max(self.eval_lengths)}): a randomized model is evaluated with "
                     "positions sampled from the same range"
                 )
-        if self.model.pe == "learned":
-            longest = max((self.seq_len, *self.eval_lengths, self.random_positions or 0))
-            if longest > self.model.max_len:
-                raise ValueError(
-                    f"pe='learned' holds max_len={self.model.max_len} positions, but this run "
-                    f"needs {longest}: raise --max-len or drop the longer eval lengths"
-                )
+        limit = self.model.encoding.position_limit(self.model)
+        if limit is not None and self.longest_position > limit:
+            raise ValueError(
+                f"pe={self.model.pe!r} holds max_len={limit} positions, but this run needs "
+                f"{self.longest_position}: raise --max-len or drop the longer eval lengths"
+            )
+
+    @property
+    def longest_position(self) -> int:
+        """Positions this run uses: [0, longest_position) in training and evaluation."""
+        return max((self.seq_len, *self.eval_lengths, self.random_positions or 0))
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return core.config_json(self)
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters as a flat {path: array} dict
+# Training
 # ---------------------------------------------------------------------------------------------
-
-
-def _path_name(path) -> str:
-    keys = []
-    for k in path:
-        key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-        if key == "value":  # the Variable's own attribute
-            continue
-        keys.append(str(key))
-    return "/".join(keys)
-
-
-def flatten_model(model: nnx.Module):
-    """`(build, params)`: `params` a flat `{path: array}` dict, `build(params)` the module."""
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    names = [_path_name(path) for path, _ in leaves]
-    params = {name: leaf for name, (_, leaf) in zip(names, leaves, strict=True)}
-
-    def build(params: dict) -> nnx.Module:
-        return nnx.merge(
-            graphdef, jax.tree_util.tree_unflatten(treedef, [params[n] for n in names])
-        )
-
-    return build, params
-
-
-def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.lr,
-        warmup_steps=cfg.warmup,
-        decay_steps=max(cfg.steps, cfg.warmup + 1),
-        end_value=cfg.lr * 0.1,
-    )
-    decay_mask = lambda params: {k: np.ndim(v) >= 2 and "embed" not in k for k, v in params.items()}
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip),
-        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask),
-    )
-
-
-def _loss(model: Transformer, batch: dict, positions) -> jax.Array:
-    logits = model(batch["inputs"], positions=positions, segment_ids=batch.get("segment_ids"))
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    weights = batch["weights"]
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_diff(a, b, f"{prefix}{key}.")
-        elif json.dumps(a) != json.dumps(b):
-            diffs.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
-    return diffs
-
 
 # Fields that may change between a run and its resumption: they do not change what is
 # trained, only what is done around it. (`steps` is not one: it sets the cosine schedule.)
@@ -208,139 +140,22 @@ _RESUMABLE = {"checkpoint_every", "keep", "log_every", "eval_lengths", "eval_str
               "eval_tokens", "mesh"}  # fmt: skip
 
 
-def _check_resumable(workdir: Path, cfg: TrainConfig) -> None:
-    path = workdir / "config.json"
-    current = json.loads(json.dumps(cfg.to_json()))
-    if path.exists():
-        saved = json.loads(path.read_text())
-        diffs = [d for d in _config_diff(saved, current) if d.split(":")[0] not in _RESUMABLE]
-        if diffs:
-            raise ValueError(
-                f"{workdir} holds a run with a different configuration; refusing to resume it. "
-                "Differing fields:\n  " + "\n  ".join(diffs) + "\nUse another --workdir."
-            )
-    path.write_text(json.dumps(current, indent=1))
-
-
-def _manager(workdir: Path, cfg: TrainConfig):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep, enable_async_checkpointing=True, create=True
-    )
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
-
-
-def _save(manager, step: int, params, opt_state, data_state: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-            meta=ocp.args.JsonSave({"step": step, "data": data_state}),
-        ),
-    )
-
-
-def _restore(manager, params, opt_state):
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        return None
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        {"params": params, "opt_state": opt_state},
-    )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-        ),
-    )
-    return restored["state"]["params"], restored["state"]["opt_state"], restored["meta"]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keeps the metrics of steps <= `step`, so a resumed run's file reads as one run."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in kept))
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
-
-
-class Training(NamedTuple):
-    """What `init_training` returns: the model's builder, sharded state, and the jitted step
-    `step(params, opt_state, batch, step_index) -> (params, opt_state, loss)`, which donates
-    `params` and `opt_state`."""
-
-    build: Callable[[dict], Transformer]
-    params: dict
-    opt_state: Any
-    step: Callable
-    batch_shardings: dict
-
-
 def init_training(cfg: TrainConfig, mesh: jax.sharding.Mesh, batch_keys: Sequence[str]):
-    """Initial parameters and optimiser state laid out on `mesh`, and the jitted train step.
+    """The model's initial state laid out on `mesh` and its jitted train step
+    (`jpe.lab.core.State`), with the run's optimiser and, for `random_positions`, Ruoss et
+    al.'s positions drawn from (seed, step)."""
+    tx, _ = core.make_optimizer(
+        lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, weight_decay=cfg.weight_decay, clip=cfg.clip
+    )
 
-    The step is one `jax.jit` with explicit in/out shardings: parameters (and their Adam
-    moments) split by their logical axes (`jpe.lab.sharding`), batches split over `data`,
-    scalars replicated.
-    """
+    def positions_fn(batch, step):
+        if cfg.random_positions is None:
+            return batch.get("positions")
+        key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
+        return randomized_positions(key, batch["inputs"].shape, cfg.random_positions)
+
     model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
-    build, params = flatten_model(model)
-    del model
-    p_shardings = sharding.param_shardings(params, mesh)
-    params = jax.device_put(params, p_shardings)
-    tx = _optimizer(cfg)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_state = jax.jit(tx.init)(params)
-    # Moments follow their parameters' shardings; counters and other scalars are replicated
-    # (jit would otherwise leave them on one device, which the sharded step cannot take).
-    o_shardings = jax.tree.map(
-        lambda x: (
-            x.sharding
-            if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
-            else replicated
-        ),
-        opt_state,
-    )
-    opt_state = jax.device_put(opt_state, o_shardings)
-    batch_shardings = {k: sharding.batch_sharding(mesh) for k in batch_keys}
-
-    def step_fn(params, opt_state, batch, step):
-        if cfg.random_positions is not None:
-            key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
-            positions = randomized_positions(key, batch["inputs"].shape, cfg.random_positions)
-        else:
-            positions = batch.get("positions")
-        loss, grads = jax.value_and_grad(lambda p: _loss(build(p), batch, positions))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    jit_step = jax.jit(
-        step_fn,
-        in_shardings=(p_shardings, o_shardings, batch_shardings, replicated),
-        out_shardings=(p_shardings, o_shardings, replicated),
-        donate_argnums=(0, 1),
-    )
-    return Training(build, params, opt_state, jit_step, batch_shardings)
+    return core.init_state(model, tx, mesh=mesh, batch_keys=batch_keys, positions_fn=positions_fn)
 
 
 def train(
@@ -366,7 +181,6 @@ def train(
       NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint stays).
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(cfg.mesh)
     if cfg.batch_size % mesh.shape["data"]:
@@ -375,6 +189,7 @@ def train(
             f"({mesh.shape['data']})"
         )
     corpus = data_lib.load_corpus(cfg.data)
+    check_eval_lengths(corpus.val, cfg.eval_lengths or (cfg.seq_len,))
     batches = data_lib.Batches(
         corpus.train,
         batch_size=cfg.batch_size,
@@ -383,69 +198,43 @@ def train(
         pack=cfg.pack,
         doc_starts=corpus.train_doc_starts,
     )
-    _check_resumable(workdir, cfg)
-
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = core.Checkpoints(workdir, cfg.to_json(), keep=cfg.keep, resumable=_RESUMABLE)
     run = init_training(cfg, mesh, tuple(batches.batch(0)))
-    build, params, opt_state, jit_step = run.build, run.params, run.opt_state, run.step
-    batch_shardings = run.batch_shardings
-
-    manager = _manager(workdir, cfg)
-    start = 0
-    restored = _restore(manager, params, opt_state)
+    params, opt_state, start = run.params, run.opt_state, 0
+    restored = checkpoints.restore(params, opt_state)
     if restored is not None:
         params, opt_state, meta = restored
         start = int(meta["step"])
         batches.restore(meta["data"])
     metrics_path = workdir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    core.truncate_metrics(metrics_path, start)
     end = cfg.steps
     if stop_at is not None:
         end = min(cfg.steps, max(start, _checks.positive_int("stop_at", stop_at)))
-
-    schedule_lr = lambda s: float(
-        optax.warmup_cosine_decay_schedule(
-            0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.1
-        )(s)
+    _, schedule = core.make_optimizer(
+        lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, weight_decay=cfg.weight_decay, clip=cfg.clip
     )
-
-    bar = _progress(cfg.steps, start, progress and jax.process_index() == 0)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    last_time, last_step, loss_value = time.perf_counter(), start, float("nan")
-    losses = []
     try:
-        with open(metrics_path, "a") as metrics:
-            for step in range(start, end):
-                batch = jax.device_put(batches.batch(step), batch_shardings)
-                params, opt_state, loss = jit_step(params, opt_state, batch, np.int32(step))
-                done = step + 1
-                if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end:
-                    loss_value = float(loss)
-                    if not math.isfinite(loss_value):
-                        manager.wait_until_finished()
-                        raise NonFiniteLossError(
-                            f"the loss is {loss_value} at step {done}; stopping. The last good "
-                            f"checkpoint (step {manager.latest_step()}) is intact in {workdir}. "
-                            "Lower --lr or raise --warmup and run again in a new --workdir."
-                        )
-                    now = time.perf_counter()
-                    rate = tokens_per_step * (done - last_step) / max(now - last_time, 1e-9)
-                    last_time, last_step = now, done
-                    record = {"step": done, "loss": loss_value, "lr": schedule_lr(step),
-                              "tokens_per_s": rate}  # fmt: skip
-                    losses.append(record)
-                    if jax.process_index() == 0:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
-                if done % cfg.checkpoint_every == 0 or done == end:
-                    _save(manager, done, params, opt_state, batches.state(done))
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        manager.wait_until_finished()
-        if bar is not None:
-            bar.close()
+        params, opt_state, losses = core.fit(
+            run._replace(params=params, opt_state=opt_state),
+            batches.batch,
+            steps=cfg.steps,
+            start=start,
+            end=end,
+            schedule=schedule,
+            log_every=cfg.log_every,
+            tokens_per_step=cfg.batch_size * cfg.seq_len,
+            checkpoints=checkpoints,
+            checkpoint_every=cfg.checkpoint_every,
+            checkpoint_meta=lambda step: {"data": batches.state(step)},
+            metrics_path=metrics_path,
+            progress=progress,
+        )
+    except NonFiniteLossError:
+        checkpoints.close()
+        raise
+    build = run.build
 
     lengths = cfg.eval_lengths or (cfg.seq_len,)
     model = build(params)
@@ -460,13 +249,26 @@ def train(
     report = {"pe": cfg.model.pe, "train_len": cfg.seq_len, **results}
     if jax.process_index() == 0:
         (workdir / "eval.json").write_text(json.dumps(report, indent=1))
-    manager.close()
+    checkpoints.close()
     return {"start_step": start, "losses": losses, "eval": report, "model": model}
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
+
+
+def check_eval_lengths(tokens: np.ndarray, lengths: Sequence[int]) -> None:
+    """Raises `ValueError` before any training if the validation split is too short for the
+    longest evaluation length (a window of L inputs needs L + 1 tokens)."""
+    need = max(lengths) + 1
+    if len(tokens) < need:
+        raise ValueError(
+            f"eval_lengths: the validation split holds {len(tokens):,} tokens, but evaluating "
+            f"at length {max(lengths):,} needs at least {need:,}; drop the longer lengths or "
+            "use more data"
+        )
+
 
 _EVAL_TOKENS = 1 << 14  # tokens per evaluation batch
 

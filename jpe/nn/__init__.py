@@ -1,6 +1,20 @@
-"""Flax NNX modules: one per encoding that owns parameters, and the Transformer."""
+"""Flax NNX: the encoding interface and registry, one module per encoding, and the Transformer."""
 
+from jpe.nn import encodings
 from jpe.nn.config import TransformerConfig
-from jpe.nn.encodings import Encoding
+from jpe.nn.registry import ENCODINGS, Capabilities, Encoding, Options, encoding_class, register
+from jpe.nn.transformer import Transformer, generate, init_cache
 
-__all__ = ["Encoding", "TransformerConfig"]
+__all__ = [
+    "ENCODINGS",
+    "Capabilities",
+    "Encoding",
+    "Options",
+    "Transformer",
+    "TransformerConfig",
+    "encoding_class",
+    "encodings",
+    "generate",
+    "init_cache",
+    "register",
+]

@@ -1,39 +1,30 @@
-"""NNX modules, one per encoding: they own the parameters and call the pure functions.
+"""NNX modules, one per encoding: each declares its options, owns its parameters and calls the
+pure functions of `jpe.encodings`.
 
-Every encoding is an `Encoding` with up to three hooks, and the Transformer never asks which
-one it has:
-
-- `embed(x, positions)`: absolute encodings combine their table with the token embeddings;
-- `rotate(x, positions, is_key=..., seq_len=..., anchor=...)`: rotary encodings turn queries
-  and keys;
-- `bias(q_positions, k_positions[, q])`: relative encodings give `[B, H, bq, bk]` for one
-  attention block (with the query block when `bias_takes_query`), plus `value` for Shaw et al.'s
-  relative value embeddings.
-
-One instance serves every layer, as T5 shares its bias table: the hooks see the same
-parameters in each block. Static hyperparameters come from the frozen `TransformerConfig`;
-host constants (frequencies, slopes) are recomputed from it at trace time rather than stored,
-since NNX would trace array attributes.
+The hooks and the registry are described in `jpe.nn.registry`. One instance serves every layer,
+as T5 shares its bias table: the hooks see the same parameters in each block. Adding an encoding
+touches two files: its pure function in `jpe/encodings/` and its class here, registered with
+`@register(name)` and carrying its own `Options`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jpe.encodings import absolute, contextual, relative, rotary
-from jpe.nn.config import TransformerConfig
+from jpe.encodings import _checks, absolute, contextual, relative, rope_scaling, rotary
+from jpe.nn.registry import Encoding, Options, freeze, register
 
 __all__ = [
     "ALiBi",
     "Binary",
     "CoPE",
     "DynamicPositionBias",
-    "Encoding",
     "FIRE",
     "Kerple",
     "Learned",
@@ -49,122 +40,157 @@ __all__ = [
 ]
 
 
-class Encoding(nnx.Module):
-    """Base class: every hook is the identity, and no bias."""
-
-    has_bias: ClassVar[bool] = False
-    bias_takes_query: ClassVar[bool] = False
-    has_value: ClassVar[bool] = False
-    #: the attention must see whole rows at once (CoPE's positions are cumulative over keys)
-    dense: ClassVar[bool] = False
-    #: an absolute encoding (embed hook); its width is half of d_model when concatenated
-    absolute: ClassVar[bool] = False
-    #: logits unchanged when every position shifts by the same constant
-    shift_invariant: ClassVar[bool] = True
-
-    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        self.config = config
-
-    def embed(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        return x
-
-    def rotate(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        *,
-        is_key: bool,
-        seq_len: jax.Array,
-        anchor: jax.Array,
-    ) -> jax.Array:
-        """`x` `[B, L, H, D]` turned by `positions` `[B, L]`.
-
-        The Transformer also passes, per row (int32 `[B]`, traced under `jit`):
-          seq_len: the largest position in view plus one (the forward pass's positions, or a
-            decoder's cache and new tokens), as Hugging Face's dynamic RoPE scalings read it;
-            the same in a forward pass and in a prefill of the same tokens.
-          anchor: a position shared by every query and key of the row (the smallest position
-            of the forward pass or of the prefill, kept in the cache), for encodings that
-            must measure positions from nearby to stay finite (xPos).
-        """
-        return x
-
-    def bias(self, q_positions, k_positions, q=None) -> jax.Array:
-        raise NotImplementedError
-
-    def value(self, weights, q_positions, k_positions) -> jax.Array:
-        raise NotImplementedError
-
-    def dense_bias(self, q, logits, mask) -> jax.Array:
-        raise NotImplementedError
-
-
-def pe_width(config: TransformerConfig) -> int:
-    """Features of an absolute encoding: d_model, or half of it when concatenated."""
-    return config.d_model // 2 if config.pe_combine == "concat" else config.d_model
-
-
+@register("none")
 class NoPE(Encoding):
     """No positional encoding (Kazemnejad et al. 2023, arXiv 2305.19466): the causal mask alone
     tells order."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Absolute encodings: a table combined with the token embeddings
+# ---------------------------------------------------------------------------------------------
+
+
 class _Absolute(Encoding):
-    absolute = True
     shift_invariant = False
 
+    @dataclasses.dataclass(frozen=True)
+    class Options(Options):
+        """combine: how the table meets the token embeddings, "add", "multiply" or "concat"
+        (concat gives the table half of d_model and the tokens the rest)."""
+
+        combine: str = "add"
+
+        def __post_init__(self):
+            _checks.one_of("combine", self.combine, absolute.COMBINE_MODES)
+
+    @classmethod
+    def width(cls, config) -> int:
+        """Features of the table: d_model, or half of it when concatenated."""
+        concat = config.pe_options.combine == "concat"
+        return config.d_model // 2 if concat else config.d_model
+
+    @classmethod
+    def token_width(cls, config) -> int:
+        concat = config.pe_options.combine == "concat"
+        return config.d_model - cls.width(config) if concat else config.d_model
+
     def table(self, positions: jax.Array) -> jax.Array:
+        """`[B, L]` positions -> `[B, L, width]`."""
         raise NotImplementedError
 
     def embed(self, x, positions):
-        pe = self.table(positions)  # [B, L, d]
-        return absolute.combine(x, pe.astype(x.dtype), mode=self.config.pe_combine)
+        pe = self.table(positions)  # [B, L, width]
+        return absolute.combine(x, pe.astype(x.dtype), mode=self.options.combine)
 
 
+@register("sinusoidal")
 class Sinusoidal(_Absolute):
     """Vaswani et al. 2017 (arXiv 1706.03762), `jpe.encodings.absolute.sinusoidal`."""
 
     def table(self, positions):
-        return absolute.sinusoidal(positions, pe_width(self.config))
+        return absolute.sinusoidal(positions, self.width(self.config))
 
 
+@register("scaled-sinusoidal")
 class ScaledSinusoidal(_Absolute):
     """Sinusoidal table times one learned scalar (x-transformers), initialised to d^-1/2."""
 
     def __init__(self, config, *, rngs):
         super().__init__(config, rngs=rngs)
-        self.scale = nnx.Param(jnp.asarray(absolute.scaled_sinusoidal_init(pe_width(config))))
+        width = self.width(config)
+        self.scale = nnx.Param(jnp.asarray(absolute.scaled_sinusoidal_init(width)))
 
     def table(self, positions):
-        return absolute.scaled_sinusoidal(positions, pe_width(self.config), self.scale[...])
+        return absolute.scaled_sinusoidal(positions, self.width(self.config), self.scale[...])
 
 
+@register("learned")
 class Learned(_Absolute):
     """A learned table of `max_len` rows (BERT, GPT-2); positions >= max_len are an error."""
 
     def __init__(self, config, *, rngs):
         super().__init__(config, rngs=rngs)
         self.table_ = nnx.Param(
-            absolute.learned_init(rngs.params(), config.max_len, pe_width(config))
+            absolute.learned_init(rngs.params(), config.max_len, self.width(config))
         )
+
+    @classmethod
+    def position_limit(cls, config) -> int:
+        return config.max_len
 
     def table(self, positions):
         return absolute.learned_lookup(self.table_[...], positions)
 
 
+@register("binary")
 class Binary(_Absolute):
     """The bits of each position as +-1 features, projected to the model width by a learned map."""
 
+    @dataclasses.dataclass(frozen=True)
+    class Options(_Absolute.Options):
+        """bits: bits of the position fed to the projection."""
+
+        bits: int = 16
+
+        def __post_init__(self):
+            super().__post_init__()
+            _checks.positive_int("bits", self.bits)
+
     def __init__(self, config, *, rngs):
         super().__init__(config, rngs=rngs)
-        self.proj = nnx.Linear(config.binary_bits, pe_width(config), use_bias=False, rngs=rngs)
+        self.proj = nnx.Linear(self.options.bits, self.width(config), use_bias=False, rngs=rngs)
 
     def table(self, positions):
-        return self.proj(absolute.binary(positions, self.config.binary_bits))
+        return self.proj(absolute.binary(positions, self.options.bits))
 
 
-class RoPE(Encoding):
-    """Rotary encoding (Su et al. 2021), with the config's scaling, layout and partial rotation.
+# ---------------------------------------------------------------------------------------------
+# Rotary encodings: queries and keys turned by their positions
+# ---------------------------------------------------------------------------------------------
+
+
+def _thaw(value):
+    """A frozen `rope_scaling` (pairs) back as a mapping, with lists for LongRoPE's factors."""
+    if value is None:
+        return None
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in value}
+
+
+class _Rotary(Encoding):
+    @dataclasses.dataclass(frozen=True)
+    class Options(Options):
+        """base: the frequency base (RoFormer's 10000); layout: "half" (GPT-NeoX, LLaMA) or
+        "interleaved" (GPT-J, RoFormer) pairs; rotary_fraction: the fraction of each head's
+        features rotated (the rest pass through)."""
+
+        base: float = 10000.0
+        layout: str = "half"
+        rotary_fraction: float = 1.0
+
+        def __post_init__(self):
+            _checks.one_of("layout", self.layout, rotary.LAYOUTS)
+            if not 0 < self.rotary_fraction <= 1:
+                raise ValueError(f"rotary_fraction must be in (0, 1], got {self.rotary_fraction}")
+
+    @classmethod
+    def rotary_dim(cls, config) -> int:
+        """Features rotated in each head: an even number, `rotary_fraction` of head_dim."""
+        return 2 * int(config.head_dim * config.pe_options.rotary_fraction // 2)
+
+    @classmethod
+    def check_config(cls, config):
+        if cls.rotary_dim(config) < 2:
+            raise ValueError(
+                f"rotary_fraction {config.pe_options.rotary_fraction} of head_dim "
+                f"{config.head_dim} leaves fewer than 2 rotated features"
+            )
+
+
+@register("rope")
+class RoPE(_Rotary):
+    """Rotary encoding (Su et al. 2021, arXiv 2104.09864), with a scaling, layout and partial
+    rotation from its options.
 
     `dynamic` and `longrope` scalings read the sequence length as Hugging Face does, from the
     positions: each row's largest position in view plus one (`rotary.apply_rope_at_length`).
@@ -175,73 +201,144 @@ class RoPE(Encoding):
     whole sequence.
     """
 
-    def rotate(self, x, positions, *, is_key, seq_len, anchor):
-        c = self.config
-        return rotary.apply_rope_at_length(
+    @dataclasses.dataclass(frozen=True)
+    class Options(_Rotary.Options):
+        """scaling: a Hugging Face `rope_scaling` mapping (`rope_type` linear, ntk, dynamic,
+        yarn, longrope or llama3, with HF's key names), stored frozen; None for plain RoPE."""
+
+        scaling: tuple | None = None
+
+        def __post_init__(self):
+            super().__post_init__()
+            object.__setattr__(self, "scaling", freeze(self.scaling))
+
+        @property
+        def scaling_mapping(self) -> dict | None:
+            """`scaling` back as a mapping (lists for LongRoPE's factors)."""
+            return _thaw(self.scaling)
+
+        @functools.cached_property
+        def parsed_scaling(self) -> rope_scaling.ParsedScaling:
+            """`scaling` checked and parsed once (`jpe.encodings.rope_scaling`)."""
+            return rope_scaling.parse_rope_scaling(self.scaling_mapping)
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        o = config.pe_options
+        try:
+            rotary.rope_frequencies(cls.rotary_dim(config), base=o.base, scaling=o.parsed_scaling)
+        except ValueError as error:
+            raise ValueError(
+                f"invalid rope options (base={o.base}, scaling={o.scaling_mapping}, "
+                f"rotary_dim={cls.rotary_dim(config)}): {error}"
+            ) from None
+
+    def transform_qk(self, q, k, positions, *, seq_len, anchor):
+        o = self.options
+        turn = lambda x: rotary.apply_rope_at_length(
             x,
             positions,
             seq_len,
-            c.rotary_dim,
-            base=c.rope_base,
-            scaling=c.scaling,
-            layout=c.rope_layout,
+            self.rotary_dim(self.config),
+            base=o.base,
+            scaling=o.parsed_scaling,
+            layout=o.layout,
         )
+        return turn(q), turn(k)
 
 
-class XPos(Encoding):
-    """xPos (Sun et al. 2022): RoPE with a per-pair exponential decay in distance.
+@register("xpos")
+class XPos(_Rotary):
+    """xPos (Sun et al. 2022, arXiv 2212.10554): RoPE with a per-pair exponential decay in
+    distance.
 
     Scales are measured from the row's anchor (its first position), so only distances within
     `rotary.xpos_max_position` of it (32,695 with the defaults) stay finite: longer spans raise
-    on concrete positions, and give inf or NaN under `jit`. `rope_scaling` does not apply.
+    on concrete positions, and give inf or NaN under `jit`. RoPE's scalings do not apply.
     """
 
-    def rotate(self, x, positions, *, is_key, seq_len, anchor):
-        c = self.config
-        inv_freq, _ = rotary.rope_frequencies(c.rotary_dim, base=c.rope_base)
-        return rotary.apply_xpos(
+    @dataclasses.dataclass(frozen=True)
+    class Options(_Rotary.Options):
+        """scale_base: xPos's scale base (512 in the paper)."""
+
+        scale_base: float = 512.0
+
+        def __post_init__(self):
+            super().__post_init__()
+            _checks.positive_float("scale_base", self.scale_base)
+
+    def transform_qk(self, q, k, positions, *, seq_len, anchor):
+        o = self.options
+        inv_freq, _ = rotary.rope_frequencies(self.rotary_dim(self.config), base=o.base)
+        turn = lambda x, is_key: rotary.apply_xpos(
             x,
             positions,
             inv_freq,
             is_key=is_key,
-            scale_base=c.xpos_scale_base,
-            layout=c.rope_layout,
+            scale_base=o.scale_base,
+            layout=o.layout,
             anchor=anchor,
         )
+        return turn(q, False), turn(k, True)
 
 
-class _Bias(Encoding):
-    has_bias = True
+# ---------------------------------------------------------------------------------------------
+# Relative encodings: a bias per attention block
+# ---------------------------------------------------------------------------------------------
 
 
-class ALiBi(_Bias):
-    """Press et al. 2022: -m_h |i - j|, slopes from `alibi_slopes`."""
+@register("alibi")
+class ALiBi(Encoding):
+    """Press et al. 2022 (arXiv 2108.12409): -m_h |i - j|, slopes from `alibi_slopes`."""
 
-    def bias(self, q_positions, k_positions, q=None):
+    def bias(self, q_positions, k_positions):
         return relative.alibi_bias(
             q_positions, k_positions, relative.alibi_slopes(self.config.num_heads)
         )
 
 
-class T5Bias(_Bias):
-    """T5's learned scalar per head and log-bucketed relative position (Raffel et al. 2020)."""
+@register("t5")
+class T5Bias(Encoding):
+    """T5's learned scalar per head and log-bucketed relative position (Raffel et al. 2020,
+    arXiv 1910.10683); bidirectional buckets in an encoder, one-directional in a decoder."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Options(Options):
+        """num_buckets, max_distance: T5's buckets (32 and 128 in T5)."""
+
+        num_buckets: int = 32
+        max_distance: int = 128
+
+    @classmethod
+    def check_config(cls, config):
+        o = config.pe_options
+        try:
+            relative.t5_check(o.num_buckets, o.max_distance, not config.causal)
+        except ValueError as error:
+            raise ValueError(
+                f"invalid t5 options (num_buckets={o.num_buckets}, max_distance="
+                f"{o.max_distance}, causal={config.causal}): {error}"
+            ) from None
 
     def __init__(self, config, *, rngs):
         super().__init__(config, rngs=rngs)
         init = nnx.initializers.normal(stddev=0.02)
-        self.table = nnx.Param(init(rngs.params(), (config.t5_num_buckets, config.num_heads)))
+        shape = (self.options.num_buckets, config.num_heads)
+        self.table = nnx.Param(init(rngs.params(), shape))
 
-    def bias(self, q_positions, k_positions, q=None):
+    def bias(self, q_positions, k_positions):
         return relative.t5_bias(
             q_positions,
             k_positions,
             self.table[...],
             bidirectional=not self.config.causal,
-            max_distance=self.config.t5_max_distance,
+            max_distance=self.options.max_distance,
         )
 
 
-class Kerple(_Bias):
+@register("kerple")
+class Kerple(Encoding):
     """KERPLE (Chi et al. 2022, arXiv 2205.09921): per-head r1, r2, kept >= 0.01 as in the
     reference code (and r2 <= 2 for the power kernel).
 
@@ -254,34 +351,69 @@ class Kerple(_Bias):
 
     _EPS = 0.01
 
+    @dataclasses.dataclass(frozen=True)
+    class Options(Options):
+        """kind: the kernel, "log" or "power"."""
+
+        kind: str = "log"
+
+        def __post_init__(self):
+            _checks.one_of("kind", self.kind, ("log", "power"))
+
     def __init__(self, config, *, rngs):
         super().__init__(config, rngs=rngs)
         k1, k2 = jax.random.split(rngs.params())
-        r1_max, r2_max = (2.0, 1.0) if config.kerple_kind == "log" else (1.0, 2.0)
+        r1_max, r2_max = (2.0, 1.0) if self.options.kind == "log" else (1.0, 2.0)
         heads = (config.num_heads,)
         self.r1 = nnx.Param(jax.random.uniform(k1, heads, minval=0.0, maxval=r1_max))
         self.r2 = nnx.Param(jax.random.uniform(k2, heads, minval=0.0, maxval=r2_max))
 
-    def bias(self, q_positions, k_positions, q=None):
+    def bias(self, q_positions, k_positions):
         r1 = jnp.maximum(self.r1[...], self._EPS)
         r2 = jnp.maximum(self.r2[...], self._EPS)
-        if self.config.kerple_kind == "power":
+        if self.options.kind == "power":
             r2 = jnp.minimum(r2, 2.0)
-        return relative.kerple_bias(q_positions, k_positions, r1, r2, kind=self.config.kerple_kind)
+        return relative.kerple_bias(q_positions, k_positions, r1, r2, kind=self.options.kind)
 
 
-class Sandwich(_Bias):
-    """Sandwich (Chi et al. 2023): the inner product of sinusoidal embeddings, parameter-free."""
+@register("sandwich")
+class Sandwich(Encoding):
+    """Sandwich (Chi et al. 2023, arXiv 2212.10356): the inner product of sinusoidal
+    embeddings, parameter-free."""
 
-    def bias(self, q_positions, k_positions, q=None):
+    @classmethod
+    def check_config(cls, config):
+        if config.head_dim % 2:
+            raise ValueError(
+                f"pe='sandwich' needs an even head_dim (its sinusoids are one head wide), got "
+                f"d_model / num_heads = {config.head_dim}"
+            )
+
+    def bias(self, q_positions, k_positions):
         # The sinusoids are one head wide, as NeMo's `hidden_size // num_attention_heads`.
         return relative.sandwich_bias(
             q_positions, k_positions, self.config.num_heads, dim=self.config.head_dim
         )
 
 
-class FIRE(_Bias):
-    """FIRE (Li et al. 2023): an MLP over normalised log distance, parameters from `fire_init`.
+class _MLPBias(Encoding):
+    @dataclasses.dataclass(frozen=True)
+    class Options(Options):
+        """hidden: the MLP's hidden width."""
+
+        hidden: int = 32
+
+        def __post_init__(self):
+            _checks.positive_int("hidden", self.hidden)
+
+    def _params(self) -> dict:
+        return {k: v[...] for k, v in self.params.items()}
+
+
+@register("fire")
+class FIRE(_MLPBias):
+    """FIRE (Li et al. 2023, arXiv 2310.04418): an MLP over normalised log distance,
+    parameters from `fire_init`.
 
     The distance is divided by a function of the query's position, so FIRE is not invariant
     to shifting every position.
@@ -291,67 +423,60 @@ class FIRE(_Bias):
 
     def __init__(self, config, *, rngs):
         super().__init__(config, rngs=rngs)
-        params = relative.fire_init(rngs.params(), config.num_heads, hidden=config.fire_hidden)
+        params = relative.fire_init(rngs.params(), config.num_heads, hidden=self.options.hidden)
         self.params = nnx.Dict({k: nnx.Param(v) for k, v in params.items()})
 
-    def bias(self, q_positions, k_positions, q=None):
-        params = {k: v[...] for k, v in self.params.items()}
-        return relative.fire_bias(q_positions, k_positions, params, causal=self.config.causal)
-
-
-class DynamicPositionBias(_Bias):
-    """Dynamic position bias (Wang et al. 2021, CrossFormer, arXiv 2108.00154; as in
-    x-transformers): an MLP from the signed log distance to one bias per head."""
-
-    def __init__(self, config, *, rngs):
-        super().__init__(config, rngs=rngs)
-        self.params = nnx.Dict(
-            {
-                k: nnx.Param(v)
-                for k, v in relative.dpb_init(
-                    rngs.params(), config.num_heads, hidden=config.dpb_hidden
-                ).items()
-            }
+    def bias(self, q_positions, k_positions):
+        return relative.fire_bias(
+            q_positions, k_positions, self._params(), causal=self.config.causal
         )
 
-    def bias(self, q_positions, k_positions, q=None):
-        params = {k: v[...] for k, v in self.params.items()}
-        return relative.dpb_bias(q_positions, k_positions, params)
+
+# ---------------------------------------------------------------------------------------------
+# Relative encodings that read the queries
+# ---------------------------------------------------------------------------------------------
 
 
-class Shaw(_Bias):
-    """Shaw et al. 2018: learned key and value vectors per clipped distance, shared by heads."""
+@register("shaw")
+class Shaw(Encoding):
+    """Shaw et al. 2018 (arXiv 1803.02155): learned key and value vectors per clipped distance,
+    shared by heads."""
 
-    bias_takes_query = True
-    has_value = True
+    @dataclasses.dataclass(frozen=True)
+    class Options(Options):
+        """max_distance: the clipping distance k."""
+
+        max_distance: int = 16
+
+        def __post_init__(self):
+            _checks.positive_int("max_distance", self.max_distance)
 
     def __init__(self, config, *, rngs):
         super().__init__(config, rngs=rngs)
-        rows, init = 2 * config.shaw_max_distance + 1, nnx.initializers.normal(stddev=0.02)
+        rows, init = 2 * self.options.max_distance + 1, nnx.initializers.normal(stddev=0.02)
         self.keys = nnx.Param(init(rngs.params(), (rows, config.head_dim)))
         self.values = nnx.Param(init(rngs.params(), (rows, config.head_dim)))
 
-    def bias(self, q_positions, k_positions, q=None):
+    def query_bias(self, q, q_positions, k_positions):
         # The attention scales q.k by 1/sqrt(D); Shaw's eq. 4 scales the relative term alike.
         logits = relative.shaw_logits(
-            q, self.keys[...], q_positions, k_positions, self.config.shaw_max_distance
+            q, self.keys[...], q_positions, k_positions, self.options.max_distance
         )
         return logits / math.sqrt(self.config.head_dim)
 
     def value(self, weights, q_positions, k_positions):
         return relative.shaw_values(
-            weights, self.values[...], q_positions, k_positions, self.config.shaw_max_distance
+            weights, self.values[...], q_positions, k_positions, self.options.max_distance
         )
 
 
-class TransformerXL(_Bias):
-    """Transformer-XL's relative terms (Dai et al. 2019, eq. in Section 3.3).
+@register("transformer-xl")
+class TransformerXL(Encoding):
+    """Transformer-XL's relative terms (Dai et al. 2019, arXiv 1901.02860, Section 3.3).
 
-    score = (q + u) . k + (q + v) . W_R R_{i-j}: the content bias u is added to the queries in
-    `rotate`, so the bias hook, which then sees q + u, uses v - u.
+    score = (q + u) . k + (q + v) . W_R R_{i-j}: `transform_qk` shifts the queries by the
+    content bias u, so `query_bias`, which then sees q + u, uses v - u.
     """
-
-    bias_takes_query = True
 
     def __init__(self, config, *, rngs):
         super().__init__(config, rngs=rngs)
@@ -361,16 +486,31 @@ class TransformerXL(_Bias):
         self.u = nnx.Param(jnp.zeros((c.num_heads, c.head_dim)))
         self.v = nnx.Param(jnp.zeros((c.num_heads, c.head_dim)))
 
-    def rotate(self, x, positions, *, is_key, seq_len, anchor):
-        return x if is_key else x + self.u[...].astype(x.dtype)[None, None]
+    def transform_qk(self, q, k, positions, *, seq_len, anchor):
+        return q + self.u[...].astype(q.dtype)[None, None], k
 
-    def bias(self, q_positions, k_positions, q=None):
+    def query_bias(self, q, q_positions, k_positions):
         terms = relative.transformer_xl_bias(
             q, q_positions, k_positions, self.w_r[...], self.v[...] - self.u[...]
         )
         return terms / math.sqrt(self.config.head_dim)
 
 
+@register("dpb")
+class DynamicPositionBias(_MLPBias):
+    """Dynamic position bias (Wang et al. 2021, CrossFormer, arXiv 2108.00154; as in
+    x-transformers): an MLP from the signed log distance to one bias per head."""
+
+    def __init__(self, config, *, rngs):
+        super().__init__(config, rngs=rngs)
+        params = relative.dpb_init(rngs.params(), config.num_heads, hidden=self.options.hidden)
+        self.params = nnx.Dict({k: nnx.Param(v) for k, v in params.items()})
+
+    def bias(self, q_positions, k_positions):
+        return relative.dpb_bias(q_positions, k_positions, self._params())
+
+
+@register("cope")
 class CoPE(Encoding):
     """Contextual position encoding (Golovneva et al. 2024, arXiv 2405.18719).
 
@@ -379,11 +519,18 @@ class CoPE(Encoding):
     which builds `[B, H, L, L]` logits. It is the one encoding without blocked attention.
     """
 
-    dense = True
+    @dataclasses.dataclass(frozen=True)
+    class Options(Options):
+        """npos: the number of position embeddings (CoPE's positions saturate there)."""
+
+        npos: int = 64
+
+        def __post_init__(self):
+            _checks.positive_int("npos", self.npos)
 
     def __init__(self, config, *, rngs):
         super().__init__(config, rngs=rngs)
-        self.pos_emb = nnx.Param(jnp.zeros((config.cope_npos, config.head_dim)))
+        self.pos_emb = nnx.Param(jnp.zeros((self.options.npos, config.head_dim)))
 
-    def dense_bias(self, q, logits, mask):
+    def contextual_bias(self, q, logits, mask):
         return contextual.cope_bias(q, logits, mask, self.pos_emb[...])

@@ -4,11 +4,12 @@ Data flow, for tokens `[B, L]`:
 
     token embedding * sqrt(d_model) -> encoding.embed (absolute encodings)
     per block: x + attn(norm(x)), then x + mlp(norm(x)), where attn projects q, k, v
-      `[B, L, H, D]`, turns q and k with encoding.rotate, and runs `jpe.attention` with
-      encoding.bias as its per-block bias
+      `[B, L, H, D]`, changes q and k with encoding.transform_qk (rotary encodings), and runs
+      `jpe.attention` with the encoding's bias hooks (relative encodings), called per block
     norm -> head: logits `[B, L, vocab]` (or `[B, L, num_classes]`)
 
-The Transformer never asks which encoding it has; it calls the hooks.
+The Transformer never asks which encoding it has; it passes the hooks the encoding overrides
+(`jpe.nn.registry`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from flax import nnx
 from jpe.attention import attention
 from jpe.encodings import _checks
 from jpe.nn.config import TransformerConfig
-from jpe.nn.encodings import Encoding, pe_width
-from jpe.registry import encoding_class
+from jpe.nn.registry import Encoding
 
 __all__ = ["Transformer", "generate", "init_cache"]
 
 
 def _dtype(config: TransformerConfig):
-    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
 
 
 class Attention(nnx.Module):
@@ -53,8 +53,7 @@ class Attention(nnx.Module):
         q = self.q(x).reshape(batch, length, c.num_heads, c.head_dim)
         k = self.k(x).reshape(batch, length, c.kv_heads, c.head_dim)
         v = self.v(x).reshape(batch, length, c.kv_heads, c.head_dim)
-        q = encoding.rotate(q, positions, is_key=False, **context)
-        k = encoding.rotate(k, positions, is_key=True, **context)
+        q, k = encoding.transform_qk(q, k, positions, **context)
         if cache is None:
             k_positions, k_segments, kv_mask = positions, segment_ids, None
             new_cache = None
@@ -68,21 +67,23 @@ class Attention(nnx.Module):
             )
             k_positions, k_segments, kv_mask = cache["positions"], cache["segments"], cache["valid"]
             new_cache = {"k": k, "v": v}
+        hooks = type(encoding).capabilities()
         keys = k.shape[1]
         out = attention(
             q,
             k,
             v,
-            bias_fn=encoding.bias if encoding.has_bias else None,
+            bias_fn=encoding.bias if hooks.bias else None,
+            query_bias_fn=encoding.query_bias if hooks.query_bias else None,
+            value_fn=encoding.value if hooks.value else None,
+            contextual_bias_fn=encoding.contextual_bias if hooks.contextual_bias else None,
             causal=c.causal,
             q_positions=positions,
             k_positions=k_positions,
             segment_ids=(segment_ids, k_segments),
             kv_mask=kv_mask,
-            block_size=max(keys, length) if encoding.dense else c.block_size,
-            bias_takes_query=encoding.bias_takes_query,
-            value_fn=encoding.value if encoding.has_value else None,
-            logits_fn=encoding.dense_bias if encoding.dense else None,
+            # A contextual bias reads whole rows: one block of every key.
+            block_size=max(keys, length) if hooks.contextual_bias else c.block_size,
         )
         return self.o(out.reshape(batch, length, c.num_heads * c.head_dim)), new_cache
 
@@ -119,12 +120,8 @@ class Transformer(nnx.Module):
         if not isinstance(config, TransformerConfig):
             raise ValueError(f"config must be a jpe.TransformerConfig, got {type(config).__name__}")
         c = self.config = config
-        self.encoding = encoding_class(c.pe)(c, rngs=rngs)
-        token_width = (
-            c.d_model - pe_width(c)
-            if self.encoding.absolute and c.pe_combine == "concat"
-            else c.d_model
-        )
+        self.encoding = c.encoding(c, rngs=rngs)
+        token_width = c.encoding.token_width(c)
         self.embed = nnx.Embed(
             c.vocab_size,
             token_width,
@@ -175,21 +172,22 @@ class Transformer(nnx.Module):
         return tokens, positions, segment_ids
 
     def _check_max_len(self, positions):
-        """Learned tables hold max_len rows: a longer position is an error, never clamped."""
-        if self.config.pe != "learned":
+        """A bounded encoding (a learned table of max_len rows) takes positions in
+        [0, limit): a longer position is an error, never clamped."""
+        limit = self.config.encoding.position_limit(self.config)
+        if limit is None:
             return
-        max_len = self.config.max_len
         values = _checks.concrete(positions)
         if values is None or not values.size:
             # Values are unknown under jit; positions >= max_len read NaN rows (never a clamped
             # row). The static length is checked where `positions` defaulted to arange.
             return
         low, high = int(values.min()), int(values.max())
-        if high >= max_len or low < 0:
+        if high >= limit or low < 0:
             raise ValueError(
-                f"positions must be in [0, max_len) = [0, {max_len}) for pe='learned'; got "
-                f"values in [{low}, {high}]. Raise TransformerConfig.max_len or use a relative "
-                "encoding."
+                f"positions must be in [0, max_len) = [0, {limit}) for pe={self.config.pe!r}; "
+                f"got values in [{low}, {high}]. Raise TransformerConfig.max_len or use a "
+                "relative encoding."
             )
 
     def _embed(self, tokens, positions):
@@ -215,15 +213,17 @@ class Transformer(nnx.Module):
         Raises:
           ValueError: bad shapes or dtypes; token ids outside [0, vocab_size) when concrete
             (under `jit` they are not checked: an id >= vocab_size embeds as NaN, a negative
-            one wraps around); for `pe="learned"`, a position >= max_len (from the static
-            length when `positions` is None, from the values when they are concrete).
+            one wraps around); for a bounded encoding (`learned`), a position >= max_len
+            (from the static length when `positions` is None, from the values when they are
+            concrete).
         """
-        if positions is None and self.config.pe == "learned":
+        limit = self.config.encoding.position_limit(self.config)
+        if positions is None and limit is not None:
             length = jnp.shape(tokens)[-1]
-            if length > self.config.max_len:
+            if length > limit:
                 raise ValueError(
-                    f"sequence length {length} exceeds max_len {self.config.max_len} of the "
-                    "learned position table"
+                    f"sequence length {length} exceeds max_len {limit} of pe={self.config.pe!r} "
+                    "(a learned position table)"
                 )
         tokens, positions, segment_ids = self._inputs(tokens, positions, segment_ids)
         context = {"seq_len": positions.max(axis=1) + 1, "anchor": positions.min(axis=1)}
@@ -352,7 +352,7 @@ def generate(
     else:
         mask = jnp.asarray(prompt_mask)
         if mask.shape != prompt.shape or not (
-            mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)
+            jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.integer)
         ):
             raise ValueError(
                 f"prompt_mask must be a boolean [B, P] = {list(prompt.shape)} array, got "
@@ -386,13 +386,14 @@ def generate(
         logits, cache = nnx.merge(graphdef, state).decode(token[:, None], cache)
         return logits[:, -1], cache
 
-    if model.config.pe == "learned":
+    limit = model.config.encoding.position_limit(model.config)
+    if limit is not None:
         known = _checks.concrete(positions)
         last = (plen if known is None else int(known.max()) + 1) + num_tokens - 1
-        if last >= model.config.max_len:
+        if last >= limit:
             raise ValueError(
                 f"generating {num_tokens} tokens after this prompt reaches position {last}, "
-                f"past max_len {model.config.max_len} of the learned position table"
+                f"past max_len {limit} of pe={model.config.pe!r} (a learned position table)"
             )
     model._inputs(prompt, positions, segments)  # concrete checks (token ids), before jit
     cache = init_cache(model.config, batch, plen + num_tokens)

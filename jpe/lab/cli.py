@@ -1,0 +1,166 @@
+"""Command-line flags read off the lab's config dataclasses, so no command line restates them.
+
+`add_fields(parser, Config)` adds one `--field-name` flag per field, typed from the field's
+annotation and documented from the class docstring's `Attributes:` section, with the field's
+default shown. Every flag defaults to "not given" (None), so a preset's value stands unless a
+flag overrides it; `given(args, Config)` returns the flags that were given, ready for
+`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+__all__ = ["add_fields", "given", "ints", "load_preset", "names"]
+
+
+def ints(text: str) -> tuple[int, ...]:
+    """`"64,128"` -> (64, 128); positive integers only."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    return values
+
+
+def names(text: str) -> tuple[str, ...]:
+    """`"rope, alibi"` -> ("rope", "alibi"); an empty string gives ()."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _json_mapping(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _field_help(cls) -> dict[str, str]:
+    """`{field: text}` from the `Attributes:` section of `cls`'s docstring (a line `a, b:
+    text` documents both, continuation lines are joined)."""
+    doc = cls.__doc__ or ""
+    if "Attributes:" not in doc:
+        return {}
+    out, current = {}, []
+    for line in doc.split("Attributes:", 1)[1].splitlines():
+        match = re.match(r"^\s{6}([\w, ]+):\s*(.*)$", line)
+        if match:
+            current = [n.strip() for n in match.group(1).split(",")]
+            for name in current:
+                out[name] = match.group(2)
+        elif line.strip() and current:
+            for name in current:
+                out[name] += " " + line.strip()
+        elif not line.strip() and out:
+            current = []
+    return out
+
+
+def _converter(annotation):
+    """The argparse `type` for a field's annotation, and whether it is a boolean switch."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _converter(args[0])
+    if annotation is bool:
+        return None, True
+    if annotation in (int, float, str):
+        return annotation, False
+    if origin is tuple:
+        inner = typing.get_args(annotation)[0]
+        return (ints if inner is int else names), False
+    if annotation is Mapping or origin is Mapping or Mapping in args:
+        return _json_mapping, False
+    for arg in args:  # e.g. `Options | Mapping | None`
+        if typing.get_origin(arg) is Mapping or arg is Mapping:
+            return _json_mapping, False
+    return str, False
+
+
+def add_fields(
+    parser: argparse.ArgumentParser,
+    cls,
+    *,
+    skip: Iterable[str] = (),
+    flags: Mapping[str, str] | None = None,
+    extra_help: Mapping[str, str] | None = None,
+    values=None,
+) -> None:
+    """Adds `--field-name` for each field of dataclass `cls` not in `skip`.
+
+    `flags` renames a field's flag (`{"pes": "--pe"}`); `extra_help` appends to its help;
+    `values`, an instance of `cls` (a preset), supplies the defaults shown in the help
+    instead of the field defaults.
+    """
+    hints = typing.get_type_hints(cls)
+    helps = _field_help(cls)
+    flags, extra_help = dict(flags or {}), dict(extra_help or {})
+    existing = {s for action in parser._actions for s in action.option_strings}
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = flags.get(field.name, "--" + field.name.replace("_", "-"))
+        if flag in existing:
+            continue
+        convert, switch = _converter(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else None
+        if values is not None:
+            default = getattr(values, field.name)
+        text = helps.get(field.name, "")
+        if extra_help.get(field.name):
+            text = f"{text} {extra_help[field.name]}".strip()
+        if default not in (None, (), "") and not dataclasses.is_dataclass(default):
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            text += f" (default {shown})"
+        text = text.replace("%", "%%")
+        if switch:
+            parser.add_argument(
+                flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                help=text,
+            )  # fmt: skip
+        else:
+            parser.add_argument(flag, dest=field.name, type=convert, default=None, help=text)
+
+
+def given(args: argparse.Namespace, cls, *, skip: Iterable[str] = ()) -> dict:
+    """The fields of `cls` whose flags were given, as `{field: value}`."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if f.name not in skip and getattr(args, f.name, None) is not None
+    }
+
+
+def load_preset(directory: Path, name: str):
+    """`directory/NAME.py`'s `get_config()`; an unknown name lists the presets.
+
+    Presets are code (as in big_vision and Flax's examples): each file defines `get_config()`
+    returning the lab's config object, and its docstring gives the command, the hardware, the
+    run time and the expected metric.
+    """
+    import importlib.util
+
+    path = Path(directory) / f"{name}.py"
+    if not path.is_file():
+        found = sorted(p.stem for p in Path(directory).glob("*.py") if not p.stem.startswith("_"))
+        raise ValueError(f"unknown --config {name!r}; presets in {directory}: {', '.join(found)}")
+    spec = importlib.util.spec_from_file_location(f"jpe_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"preset {path} must define get_config()")
+    return module.get_config()

@@ -1,0 +1,272 @@
+"""One reporting module for every lab: the results JSON, the Markdown tables and the plots.
+
+A lab run is summarised as a `details` dict:
+
+    {"config": {...}, "runs": {spec: {seed: {metric: {length: value}, ...}}},
+     "machine": str, "command": str, "seconds": float}
+
+where `spec` names what was trained (an encoding, possibly with a variant such as
+`rope+yarn`), and each metric maps an evaluation size (a length in tokens, a problem size, a
+grid of patches) to a value. `write(details, workdir, spec)` turns it into
+
+- `results.json`: `{spec: {length: value}}` of the first metric, mean over seeds;
+- `details.json`: `details` as it is;
+- `results.md`: a paragraph on the run, then one table per metric (mean and, over several
+  seeds, the min–max range);
+- a figure, one panel per plotted metric, with one line per spec (variants share their base's
+  colour), the spread over seeds shaded and the training size marked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "Metric",
+    "ReportSpec",
+    "aggregate",
+    "command_line",
+    "details",
+    "machine",
+    "markdown",
+    "write",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """One measured quantity: `key` in each run, its table `title`, and whether it is drawn
+    (with `title` as the panel title and `axis` as the y label)."""
+
+    key: str
+    title: str
+    axis: str = ""
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportSpec:
+    """How a lab's details are written.
+
+    Attributes:
+      metrics: the metrics, the first of which goes to `results.json`.
+      summary: the paragraph above the tables.
+      column: the header of a size column, from the size.
+      x_label: the figure's x label.
+      train_size: where the training size is marked, and its legend label.
+      figure: the figure's file name; `title` its title.
+      log: log scales (base-2 x, log y), as for perplexity against length.
+      y_range: fixed y limits (accuracies), or None.
+    """
+
+    metrics: tuple[Metric, ...]
+    summary: str
+    column: Callable[[int], str]
+    x_label: str
+    train_size: tuple[float, str]
+    figure: str
+    title: str
+    log: bool = False
+    y_range: tuple[float, float] | None = None
+
+
+def machine() -> str:
+    """The machine and JAX backend, for the record."""
+    import jax
+
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"jax {jax.__version__} on {jax.default_backend()} "
+        f"({jax.device_count()} {jax.devices()[0].device_kind} device(s))"
+    )
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it."""
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
+
+
+def details(config: dict, runs: dict, seconds: float) -> dict:
+    """The `details` dict of a lab run: its configuration, its runs, the machine, the command
+    and the wall time."""
+    return {
+        "config": config,
+        "runs": runs,
+        "machine": machine(),
+        "command": command_line(),
+        "seconds": round(seconds, 1),
+    }
+
+
+def aggregate(details: dict, key: str) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """{spec: {size: (mean, min, max) over seeds}} for metric `key`; specs without it are
+    left out."""
+    out = {}
+    for spec, by_seed in details["runs"].items():
+        sizes = sorted({int(k) for r in by_seed.values() for k in (r.get(key) or {})})
+        agg = {}
+        for size in sizes:
+            values = [
+                r[key][str(size)] for r in by_seed.values() if str(size) in (r.get(key) or {})
+            ]
+            agg[str(size)] = (float(np.mean(values)), min(values), max(values))
+        if agg:
+            out[spec] = agg
+    return out
+
+
+def _fmt(cell: tuple[float, float, float], seeds: int) -> str:
+    mean, lo, hi = cell
+    text = f"{mean:.2f}" if mean < 1000 else f"{mean:.3g}"
+    if seeds > 1:
+        text += f" ({lo:.2f}–{hi:.2f})" if hi < 1000 else f" ({lo:.3g}–{hi:.3g})"
+    return text
+
+
+def markdown(details: dict, spec: ReportSpec) -> str:
+    """The summary paragraph and one table per metric."""
+    seeds = len(details["config"]["seeds"])
+    lines = [spec.summary, ""]
+    if seeds > 1:
+        lines += ["Cells: mean over seeds (min–max).", ""]
+    for metric in spec.metrics:
+        agg = aggregate(details, metric.key)
+        sizes = sorted({int(k) for by_size in agg.values() for k in by_size})
+        if not sizes:
+            continue
+        lines += [f"### {metric.title}", "", "| pe | " + " | ".join(map(spec.column, sizes)) + " |"]
+        lines.append("|---|" + "---:|" * len(sizes))
+        for name, by_size in agg.items():
+            cells = [_fmt(by_size[str(n)], seeds) if str(n) in by_size else "" for n in sizes]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def line_styles(specs) -> dict[str, dict]:
+    """One colour per base encoding; its variants (rope scalings, randomized positions) share
+    the colour with their own dash pattern and marker."""
+    import matplotlib.pyplot as plt
+
+    palette = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
+    bases = list(dict.fromkeys(spec.split("+")[0] for spec in specs))
+    dashes = ["--", "-.", ":", (0, (6, 2, 1, 2, 1, 2)), (0, (8, 3))]
+    markers = ["s", "^", "v", "D", "x", "P"]
+    out, variant = {}, {}
+    for spec in specs:
+        base = spec.split("+")[0]
+        color = palette[bases.index(base) % len(palette)]
+        if "+" not in spec:
+            out[spec] = {"color": color, "linestyle": "-", "marker": "o"}
+        else:
+            k = variant[base] = variant.get(base, -1) + 1
+            out[spec] = {"color": color, "linestyle": dashes[k % 5], "marker": markers[k % 6]}
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(details: dict, spec: ReportSpec, path: Path) -> None:
+    """The figure: one panel per plotted metric that has values."""
+    plt = _pyplot()
+    metrics = [m for m in spec.metrics if m.plot and aggregate(details, m.key)]
+    if not metrics:
+        return
+    seeds = len(details["config"]["seeds"])
+    wide = len(metrics) > 1
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(7 * len(metrics), 5.5 if wide else 5), squeeze=False
+    )
+    names = list(details["runs"])
+    style = line_styles(names)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        agg = aggregate(details, metric.key)
+        ticks = sorted({int(n) for by_size in agg.values() for n in by_size})
+        for name in names:
+            if name not in agg:
+                continue
+            sizes = sorted(int(n) for n in agg[name])
+            mean, lo, hi = (np.array([agg[name][str(n)][i] for n in sizes]) for i in range(3))
+            (line,) = ax.plot(sizes, mean, ms=3 if spec.log else 4, label=name, **style[name])
+            if seeds > 1:
+                ax.fill_between(sizes, lo, hi, color=line.get_color(), alpha=0.15)
+        ax.axvline(spec.train_size[0], color="black", lw=1, ls=":", label=spec.train_size[1])
+        if spec.log:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+        else:
+            ax.grid(True, alpha=0.3)
+        ax.set_xticks(ticks, [str(n) for n in ticks])
+        if spec.y_range is not None:
+            ax.set_ylim(*spec.y_range)
+        ax.set_xlabel(spec.x_label)
+        ax.set_ylabel(metric.axis)
+        if wide:
+            ax.set_title(metric.title)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if wide:
+        fig.suptitle(spec.title)
+    else:
+        axes[0][0].set_title(spec.title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(details: dict, workdir: str | os.PathLike, spec: ReportSpec) -> None:
+    """`results.json`, `details.json`, `results.md` and the figure, from `details`."""
+    workdir = Path(workdir)
+    first = aggregate(details, spec.metrics[0].key)
+    results = {name: {k: v[0] for k, v in by_size.items()} for name, by_size in first.items()}
+    (workdir / "results.json").write_text(json.dumps(results, indent=1))
+    (workdir / "details.json").write_text(json.dumps(details, indent=1))
+    (workdir / "results.md").write_text(markdown(details, spec))
+    plot(details, spec, workdir / spec.figure)
+
+
+def plot_position_loss(details: dict, path: Path) -> None:
+    """The mean loss at each position of the longest windows, one line per spec (runs keep
+    it as `loss_by_position`; language modelling only)."""
+    plt = _pyplot()
+    cfg = details["config"]
+    train_len = cfg["seq_len"]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    longest = max(cfg["eval_lengths"])
+    names = list(details["runs"])
+    style = line_styles(names)
+    for name in names:
+        curves = [r["loss_by_position"] for r in details["runs"][name].values()]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        curve = np.mean(np.array(curves), axis=0)
+        width = max(1, longest // 64)
+        smooth = np.convolve(curve, np.ones(width) / width, mode="valid")
+        ax.plot(np.arange(len(smooth)) + width // 2, smooth, label=name, lw=1,
+                **{**style[name], "marker": None})  # fmt: skip
+    ax.axvline(train_len, color="black", lw=1, ls=":", label=f"training length {train_len}")
+    ax.set_xscale("symlog", linthresh=max(1, train_len // 8), base=2)
+    ax.set_xlabel(f"position in a window of {longest} tokens")
+    ax.set_ylabel(f"mean loss (nats/byte, running mean over {max(1, longest // 64)})")
+    ax.set_title("Loss at each position (non-overlapping windows)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
