@@ -1,6 +1,7 @@
-"""Tests for jpe.lab.tagging: CoNLL files, Python-source spans, windows and packing."""
+"""Tests for jpe.lab.tagging: CoNLL files, Python-source spans, windows, packing, entity F1."""
 
 import io
+import json
 import keyword
 import tokenize
 
@@ -527,3 +528,131 @@ def test_python_corpus_windows_and_packing_keep_every_character(corpus):
         real = batch["weights"] > 0
         assert real.sum() == len(text)
         np.testing.assert_array_equal(batch["inputs"][real], tagging.CHARACTERS.encode(list(text)))
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+LABELS = tagging.LabelVocabulary(("LOC", "MISC", "ORG", "PER"))
+
+
+def as_batch(rows, length=12):
+    """Rows of sentences of (gold tag, predicted tag) pairs, packed with segment ids; padding
+    gets a predicted entity that must be ignored."""
+    gold = np.zeros((len(rows), length), np.int32)
+    predicted = np.full((len(rows), length), LABELS.tags.index("B-PER"), np.int32)
+    segments = np.zeros((len(rows), length), np.int32)
+    for r, sentences in enumerate(rows):
+        used = 0
+        for s, pairs in enumerate(sentences, start=1):
+            gold[r, used : used + len(pairs)] = LABELS.encode([g for g, _ in pairs])
+            predicted[r, used : used + len(pairs)] = LABELS.encode([p for _, p in pairs])
+            segments[r, used : used + len(pairs)] = s
+            used += len(pairs)
+    return gold, predicted, (segments > 0).astype(np.float32), segments
+
+
+# One PER right, one LOC predicted as ORG (a wrong type), one ORG missed.
+HAND = [
+    [
+        [("B-PER", "B-PER"), ("I-PER", "I-PER"), ("O", "O"), ("B-LOC", "B-ORG")],
+        [("O", "O"), ("B-ORG", "O"), ("I-ORG", "O")],
+    ],
+    [[("O", "O"), ("O", "O")]],
+]
+
+
+@pytest.mark.parametrize("mode", ["default", "strict"])
+def test_metric_by_hand(mode):
+    gold, predicted, weights, segments = as_batch(HAND)
+    result = tagging.evaluate(gold, predicted, labels=LABELS, weights=weights, segment_ids=segments)
+    json.dumps(result)  # JSON-ready
+    assert result["sentences"] == 3 and result["tokens"] == 9
+    scores = result[mode]
+    # 3 gold entities, 2 predicted, 1 correct.
+    assert scores["precision"] == pytest.approx(1 / 2)
+    assert scores["recall"] == pytest.approx(1 / 3)
+    assert scores["f1"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
+    assert scores["support"] == 3
+    zero = {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert scores["per_type"] == {
+        "PER": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1},
+        "LOC": {**zero, "support": 1},  # missed: predicted as ORG
+        "ORG": {**zero, "support": 1},  # one wrong prediction, one miss
+        "MISC": {**zero, "support": 0},  # in the vocabulary, never seen
+    }
+
+
+def test_strict_and_default_differ_on_a_span_opened_by_i():
+    # Gold B-LOC I-LOC; predicted I-LOC I-LOC: conlleval counts the entity, strict IOB2 not.
+    gold, predicted, weights, segments = as_batch(
+        [[[("B-LOC", "I-LOC"), ("I-LOC", "I-LOC"), ("O", "O")]]]
+    )
+    result = tagging.evaluate(gold, predicted, labels=LABELS, weights=weights, segment_ids=segments)
+    assert result["default"]["f1"] == 1.0
+    assert result["default"]["per_type"]["LOC"]["precision"] == 1.0
+    assert result["strict"]["precision"] == 0.0
+    assert result["strict"]["recall"] == 0.0
+    assert result["strict"]["f1"] == 0.0
+    assert result["strict"]["support"] == 1
+
+
+def test_segments_separate_sentences():
+    # Two one-token sentences in a row. Predicted "B-LOC | I-LOC": in its own sentence the
+    # I-LOC is an entity (default mode); read as one row it would continue the first.
+    gold, predicted, weights, segments = as_batch([[[("B-LOC", "B-LOC")], [("B-LOC", "I-LOC")]]])
+    by_sentence = tagging.evaluate(
+        gold, predicted, labels=LABELS, weights=weights, segment_ids=segments
+    )
+    assert by_sentence["default"]["f1"] == 1.0
+    assert by_sentence["strict"]["recall"] == pytest.approx(1 / 2)
+    by_row = tagging.evaluate(gold, predicted, labels=LABELS, weights=weights)
+    assert by_row["sentences"] == 1
+    assert by_row["default"]["recall"] == 0.0
+
+
+def test_metric_on_packed_python_source_matches_seqeval(corpus):
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    labels = tagging.LabelVocabulary(tagging.PYTHON_TYPES)
+    document = corpus.test[0]
+    batch = tagging.pack_sentences([document], 128, vocab=tagging.CHARACTERS, labels=labels)
+    gold, weights, segments = batch["labels"], batch["weights"], batch["segment_ids"]
+    result = tagging.evaluate(gold, gold, labels=labels, weights=weights, segment_ids=segments)
+    num_spans = sum(tag.startswith("B-") for sentence in document for tag in sentence.tags)
+    for mode in ("default", "strict"):
+        assert result[mode]["f1"] == 1.0
+        assert result[mode]["support"] == num_spans
+    assert result["sentences"] == len(document)  # no line is longer than 128
+
+    # Every 7th character predicted I-name: the scores equal seqeval's on the sentences
+    # taken from the document itself, not from the packed rows.
+    real = weights > 0
+    flat = gold[real].copy()
+    flat[::7] = labels.tags.index("I-name")
+    predicted = gold.copy()
+    predicted[real] = flat
+    result = tagging.evaluate(gold, predicted, labels=labels, weights=weights, segment_ids=segments)
+    tags = labels.decode(flat)
+    y_true, y_pred, used = [], [], 0
+    for sentence in document:
+        y_true.append(list(sentence.tags))
+        y_pred.append(tags[used : used + len(sentence.tags)])
+        used += len(sentence.tags)
+    for mode, options in (("default", {}), ("strict", {"mode": "strict", "scheme": IOB2})):
+        scores = result[mode]
+        assert 0.2 < scores["f1"] < 0.9
+        assert scores["f1"] == pytest.approx(f1_score(y_true, y_pred, **options))
+        assert scores["precision"] == pytest.approx(precision_score(y_true, y_pred, **options))
+        assert scores["recall"] == pytest.approx(recall_score(y_true, y_pred, **options))
+    assert result["strict"]["precision"] != result["default"]["precision"]
+
+
+def test_metric_bad_arguments():
+    gold, predicted, weights, segments = as_batch(HAND)
+    with pytest.raises(ValueError, match="share a shape"):
+        tagging.evaluate(gold[:1], predicted, labels=LABELS, weights=weights)
+    with pytest.raises(ValueError, match=r"predicted must hold label ids in \[0, 9\)"):
+        tagging.evaluate(gold, predicted + 9, labels=LABELS, weights=weights)
+    with pytest.raises(ValueError, match="integer dtype"):
+        tagging.evaluate(gold, predicted.astype(float), labels=LABELS, weights=weights)

@@ -1,6 +1,6 @@
-"""Token classification data: CoNLL files, Python source spans, windows and packing.
+"""Token classification data: CoNLL files, Python source spans, windows, packing, entity F1.
 
-The data layer for an encoder that tags every token (named entities in CoNLL-2003,
+The data and metric layer for an encoder that tags every token (named entities in CoNLL-2003,
 Tjong Kim Sang & De Meulder 2003, "Introduction to the CoNLL-2003 Shared Task:
 Language-Independent Named Entity Recognition"). Everything runs in NumPy on the host; the
 model and the training loop live in the lab's training core.
@@ -39,17 +39,26 @@ Batches: `document_windows` cuts documents into windows whose positions run 0..L
 `pack_sentences` packs sentences into rows with segment ids and positions that restart at
 each sentence (BERT's explicit `position_ids`) or, as a control, continue across the row.
 
+Scores: `evaluate` gives entity-level precision, recall and F1 per type and micro-averaged
+with seqeval (Nakayama 2018, https://github.com/chakki-works/seqeval), in its
+conlleval-compatible default mode and in strict IOB2 mode.
+
 Example:
   >>> corpus = load_python_source()  # stdlib files split by file into train/val/test
   >>> labels = LabelVocabulary.build(corpus.train)
   >>> batch = document_windows(corpus.train, 256, vocab=CHARACTERS, labels=labels)
   >>> packed = pack_sentences(corpus.validation, 128, vocab=CHARACTERS, labels=labels)
+  >>> # predicted = model(batch["inputs"], positions=batch["positions"]).argmax(-1)
+  >>> scores = evaluate(packed["labels"], predicted, labels=labels,
+  ...                   weights=packed["weights"], segment_ids=packed["segment_ids"])
+  >>> scores["default"]["f1"], scores["strict"]["per_type"]["string"]["f1"]
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import keyword
 import os
@@ -78,6 +87,7 @@ __all__ = [
     "TaggedCorpus",
     "WordVocabulary",
     "document_windows",
+    "evaluate",
     "iob1_to_iob2",
     "load_python_source",
     "pack_sentences",
@@ -771,3 +781,134 @@ def pack_sentences(
     if positions == "continue":
         batch["positions"][:] = np.arange(length, dtype=np.int32)
     return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def _tag_sequences(ids: np.ndarray, masks: list[tuple[int, np.ndarray]], tags: tuple[str, ...]):
+    """The tags of `ids[row][mask]` for each (row, mask)."""
+    return [[tags[i] for i in ids[row][mask].tolist()] for row, mask in masks]
+
+
+def evaluate(
+    gold,
+    predicted,
+    *,
+    labels: LabelVocabulary,
+    weights,
+    segment_ids=None,
+) -> dict:
+    """Entity-level precision, recall and F1 of predicted label ids, per type and micro-averaged.
+
+    The label ids are turned back into one tag sequence per sentence: per row, the tokens of
+    each segment id > 0 (in order of appearance), or the whole row when `segment_ids` is None,
+    keeping only tokens with weight > 0. An entity is a (sentence, type, first token, last
+    token); precision = correct / predicted entities, recall = correct / gold entities, F1
+    their harmonic mean; micro averages count over all types. Both of seqeval's modes:
+
+    - `"default"`: conlleval-compatible (the CoNLL shared tasks' scoring script): an `I-X`
+      after `O` or after another type begins an entity.
+    - `"strict"`: seqeval's `mode="strict", scheme=IOB2` (its `metrics.v1` scores, called
+      directly so that the entities are found once): an entity is a `B-X` followed by `I-X`
+      tags only; a stray `I-X` is no entity.
+
+    A score whose denominator is 0 is 0 (seqeval's `zero_division=0`). Every type of `labels`
+    is reported, with support 0 when it has no gold entity.
+
+    Args:
+      gold: integer `[N, L]`, the gold label ids (e.g. the batch's `labels`).
+      predicted: integer `[N, L]`, the predicted label ids (e.g. the logits' argmax).
+      labels: the `LabelVocabulary` of both.
+      weights: `[N, L]`; tokens with weight 0 (padding) are left out.
+      segment_ids: integer `[N, L]` or None: the sentences within each row (0 = padding).
+
+    Returns:
+      A JSON-ready dict: `{"default": scores, "strict": scores, "sentences": int, "tokens":
+      int}`, where scores are `{"precision", "recall", "f1": float, "support": int,
+      "per_type": {type: {"precision", "recall", "f1", "support"}}}` and support counts gold
+      entities.
+
+    Raises:
+      ValueError: the shapes differ or are not `[N, L]`, ids or segment ids are not
+        integers, or an id is outside the labels.
+    """
+    # seqeval imports scikit-learn (about a second), so only when scoring.
+    from seqeval.metrics import sequence_labeling, v1
+    from seqeval.scheme import IOB2, Entities
+
+    gold, predicted = np.asarray(gold), np.asarray(predicted)
+    arrays = {"gold": gold, "predicted": predicted, "weights": np.asarray(weights)}
+    if segment_ids is not None:
+        arrays["segment_ids"] = np.asarray(segment_ids)
+    if any(a.ndim != 2 or a.shape != gold.shape for a in arrays.values()):
+        shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
+        raise ValueError(
+            f"gold, predicted, weights, segment_ids must share a shape [N, L]: {shapes}"
+        )
+    for name in ("gold", "predicted", "segment_ids"):
+        array = arrays.get(name)
+        if array is not None and not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"{name} must have an integer dtype, got {array.dtype}")
+    for name, array in (("gold", gold), ("predicted", predicted)):
+        if array.size and (array.min() < 0 or array.max() >= labels.size):
+            raise ValueError(
+                f"{name} must hold label ids in [0, {labels.size}), got {array.min()} to "
+                f"{array.max()}"
+            )
+
+    kept = arrays["weights"] > 0
+    masks = []  # (row, the tokens of one sentence), in order
+    for row in range(gold.shape[0]):
+        if segment_ids is None:
+            if kept[row].any():
+                masks.append((row, kept[row]))
+            continue
+        row_segments = arrays["segment_ids"][row]
+        segments, first = np.unique(row_segments, return_index=True)
+        for segment in segments[np.argsort(first)]:
+            mask = kept[row] & (row_segments == segment)
+            if segment != 0 and mask.any():
+                masks.append((row, mask))
+    y_true = _tag_sequences(gold, masks, labels.tags)
+    y_pred = _tag_sequences(predicted, masks, labels.tags)
+
+    # Per type, seqeval's arrays follow the sorted names of the types that have any entity.
+    default_names = sorted(
+        {kind for tags in (y_true, y_pred) for kind, _, _ in sequence_labeling.get_entities(tags)}
+    )
+    default = functools.partial(
+        sequence_labeling.precision_recall_fscore_support, y_true, y_pred, zero_division=0
+    )
+    # Entities found once serve both calls, as seqeval's own classification_report does.
+    strict_true, strict_pred = Entities(y_true, IOB2), Entities(y_pred, IOB2)
+    strict_names = sorted(strict_true.unique_tags | strict_pred.unique_tags)
+    strict = functools.partial(
+        v1.precision_recall_fscore_support,
+        y_true,
+        y_pred,
+        zero_division=0,
+        scheme=IOB2,
+        entities_true=strict_true,
+        entities_pred=strict_pred,
+    )
+    return {
+        "default": _scores(default, default_names, labels.types),
+        "strict": _scores(strict, strict_names, labels.types),
+        "sentences": len(masks),
+        "tokens": int(sum(int(mask.sum()) for _, mask in masks)),
+    }
+
+
+def _scores(precision_recall_f1_support, names: list[str], types: Sequence[str]) -> dict:
+    def as_dict(p, r, f, s) -> dict:
+        return {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+
+    per_type = {kind: as_dict(0, 0, 0, 0) for kind in types}
+    per_type.update(
+        (name, as_dict(*row))
+        for name, *row in zip(names, *precision_recall_f1_support(average=None), strict=True)
+    )
+    return {**as_dict(*precision_recall_f1_support(average="micro")), "per_type": per_type}
