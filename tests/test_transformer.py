@@ -93,9 +93,9 @@ def test_a_registered_encoding_has_its_own_options_and_joins_the_contract():
 def test_capabilities_are_read_off_the_overridden_hooks():
     cap = lambda pe: jpe.nn.encoding_class(pe).capabilities()  # noqa: E731
     assert cap("alibi").bias and not cap("alibi").query_bias and not cap("alibi").embed
-    assert cap("rope").transform_qk and not cap("rope").bias
+    assert cap("rope").transform_qkv and not cap("rope").bias
     assert cap("shaw").query_bias and cap("shaw").value and not cap("shaw").bias
-    assert cap("transformer-xl").transform_qk and cap("transformer-xl").query_bias
+    assert cap("transformer-xl").transform_qkv and cap("transformer-xl").query_bias
     assert cap("cope").contextual_bias
     assert cap("learned").absolute and cap("binary").absolute
     assert not any(cap("none"))

@@ -234,18 +234,18 @@ class RoPE(_Rotary):
                 f"rotary_dim={cls.rotary_dim(config)}): {error}"
             ) from None
 
-    def transform_qk(self, q, k, positions, *, seq_len, anchor):
+    def transform_qkv(self, q, k, v, positions, *, layer, context):
         o = self.options
         turn = lambda x: rotary.apply_rope_at_length(
             x,
             positions,
-            seq_len,
+            context.seq_len,
             self.rotary_dim(self.config),
             base=o.base,
             scaling=o.parsed_scaling,
             layout=o.layout,
         )
-        return turn(q), turn(k)
+        return turn(q), turn(k), v
 
 
 @register("xpos")
@@ -268,7 +268,7 @@ class XPos(_Rotary):
             super().__post_init__()
             _checks.positive_float("scale_base", self.scale_base)
 
-    def transform_qk(self, q, k, positions, *, seq_len, anchor):
+    def transform_qkv(self, q, k, v, positions, *, layer, context):
         o = self.options
         inv_freq, _ = rotary.rope_frequencies(self.rotary_dim(self.config), base=o.base)
         turn = lambda x, is_key: rotary.apply_xpos(
@@ -278,9 +278,9 @@ class XPos(_Rotary):
             is_key=is_key,
             scale_base=o.scale_base,
             layout=o.layout,
-            anchor=anchor,
+            anchor=context.anchor,
         )
-        return turn(q, False), turn(k, True)
+        return turn(q, False), turn(k, True), v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +474,7 @@ class Shaw(Encoding):
 class TransformerXL(Encoding):
     """Transformer-XL's relative terms (Dai et al. 2019, arXiv 1901.02860, Section 3.3).
 
-    score = (q + u) . k + (q + v) . W_R R_{i-j}: `transform_qk` shifts the queries by the
+    score = (q + u) . k + (q + v) . W_R R_{i-j}: `transform_qkv` shifts the queries by the
     content bias u, so `query_bias`, which then sees q + u, uses v - u.
     """
 
@@ -486,8 +486,8 @@ class TransformerXL(Encoding):
         self.u = nnx.Param(jnp.zeros((c.num_heads, c.head_dim)))
         self.v = nnx.Param(jnp.zeros((c.num_heads, c.head_dim)))
 
-    def transform_qk(self, q, k, positions, *, seq_len, anchor):
-        return q + self.u[...].astype(q.dtype)[None, None], k
+    def transform_qkv(self, q, k, v, positions, *, layer, context):
+        return q + self.u[...].astype(q.dtype)[None, None], k, v
 
     def query_bias(self, q, q_positions, k_positions):
         terms = relative.transformer_xl_bias(

@@ -7,9 +7,10 @@ overrides (`Encoding.capabilities`), not restated as flags.
 =====================  ===========================================================  =========
 hook                   what it does                                                 used by
 =====================  ===========================================================  =========
+`prepare`              once per forward pass: what every layer's hooks share        FLOATER
 `embed`                combines an absolute table with the token embeddings         absolute
-`transform_qk`         turns (or shifts) queries and keys before attention          rotary,
-                                                                                    T-XL's u
+`transform_qkv`        changes one layer's queries, keys and values before          rotary,
+                       attention (turns q and k; shifts q; adds position terms)     T-XL, ...
 `bias`                 a bias from one block's positions alone, `[B, H, bq, bk]`    relative
 `query_bias`           a bias that also reads the block's queries                   Shaw, T-XL
 `value`                terms added to the weighted values                           Shaw
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import jax
 from flax import nnx
@@ -51,6 +52,7 @@ __all__ = [
     "Capabilities",
     "Encoding",
     "Options",
+    "PositionContext",
     "encoding_class",
     "register",
 ]
@@ -111,11 +113,30 @@ class Options:
         return out
 
 
+class PositionContext(NamedTuple):
+    """What the Transformer knows of a forward pass's positions, per row, for the hooks.
+
+    Attributes:
+      seq_len: int32 `[B]`, each row's largest position in view plus one (a forward pass's
+        positions, or a decoder's cache and new tokens), as Hugging Face's dynamic RoPE
+        scalings read it; the same in a forward pass and a prefill of the same tokens.
+      anchor: int32 `[B]`, a position shared by every query and key of the row (the smallest
+        position of the forward pass or the prefill, kept in the cache), for encodings that
+        must measure positions from nearby to stay finite (xPos).
+      prepared: what the encoding's `prepare` returned for this pass.
+    """
+
+    seq_len: jax.Array
+    anchor: jax.Array
+    prepared: Any = None
+
+
 class Capabilities(NamedTuple):
     """What an encoding class does, read off the hooks it overrides."""
 
+    prepare: bool
     embed: bool
-    transform_qk: bool
+    transform_qkv: bool
     bias: bool
     query_bias: bool
     value: bool
@@ -170,32 +191,32 @@ class Encoding(nnx.Module):
 
     # -- hooks ----------------------------------------------------------------------------------
 
+    def prepare(self, positions: jax.Array):
+        """Computed once per forward pass (or decoding call) from `positions` `[B or 1, L]`
+        and handed to every layer's `transform_qkv` as `context.prepared`: work that all
+        layers share, such as one ODE solve for every block (FLOATER). Default None."""
+        return None
+
     def embed(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Token embeddings `x` `[B, L, width]` with the encoding of `positions` `[B, L]`
         combined in, `[B, L, d_model]`."""
         return x
 
-    def transform_qk(
+    def transform_qkv(
         self,
         q: jax.Array,
         k: jax.Array,
+        v: jax.Array,
         positions: jax.Array,
         *,
-        seq_len: jax.Array,
-        anchor: jax.Array,
-    ) -> tuple[jax.Array, jax.Array]:
-        """Queries `[B, L, H, D]` and keys `[B, L, Hkv, D]` at `positions` `[B, L]`, changed
-        before attention (rotated by rotary encodings). Keys are cached as returned.
-
-        Args:
-          seq_len: int32 `[B]`, each row's largest position in view plus one (a forward pass's
-            positions, or a decoder's cache and new tokens), as Hugging Face's dynamic RoPE
-            scalings read it; the same in a forward pass and a prefill of the same tokens.
-          anchor: int32 `[B]`, a position shared by every query and key of the row (the
-            smallest position of the forward pass or the prefill, kept in the cache), for
-            encodings that must measure positions from nearby to stay finite (xPos).
+        layer: int,
+        context: PositionContext,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Layer `layer`'s queries `[B, L, H, D]`, keys and values `[B, L, Hkv, D]` at
+        `positions` `[B, L]`, changed before attention (rotary encodings turn q and k). Keys
+        and values are cached as returned, so each is changed once, at its own position.
         """
-        return q, k
+        return q, k, v
 
     def bias(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
         """The bias of one attention block: `[B or 1, bq]` and `[B or 1, bk]` int positions

@@ -4,7 +4,7 @@ Data flow, for tokens `[B, L]`:
 
     token embedding * sqrt(d_model) -> encoding.embed (absolute encodings)
     per block: x + attn(norm(x)), then x + mlp(norm(x)), where attn projects q, k, v
-      `[B, L, H, D]`, changes q and k with encoding.transform_qk (rotary encodings), and runs
+      `[B, L, H, D]`, changes q, k, v with encoding.transform_qkv (rotary encodings), and runs
       `jpe.attention` with the encoding's bias hooks (relative encodings), called per block
     norm -> head: logits `[B, L, vocab]` (or `[B, L, num_classes]`)
 
@@ -24,7 +24,7 @@ from flax import nnx
 from jpe.attention import attention
 from jpe.encodings import _checks
 from jpe.nn.config import TransformerConfig
-from jpe.nn.registry import Encoding
+from jpe.nn.registry import Encoding, PositionContext
 
 __all__ = ["Transformer", "generate", "init_cache"]
 
@@ -34,12 +34,13 @@ def _dtype(config: TransformerConfig):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, layer: int, *, rngs: nnx.Rngs):
         c = config
         dense = lambda n_in, n_out: nnx.Linear(
             n_in, n_out, use_bias=False, dtype=_dtype(c), param_dtype=jnp.float32, rngs=rngs
         )
         self.config = config
+        self.layer = layer  # the encoding's hooks may differ per layer (FLOATER)
         self.q = dense(c.d_model, c.num_heads * c.head_dim)
         self.k = dense(c.d_model, c.kv_heads * c.head_dim)
         self.v = dense(c.d_model, c.kv_heads * c.head_dim)
@@ -53,7 +54,7 @@ class Attention(nnx.Module):
         q = self.q(x).reshape(batch, length, c.num_heads, c.head_dim)
         k = self.k(x).reshape(batch, length, c.kv_heads, c.head_dim)
         v = self.v(x).reshape(batch, length, c.kv_heads, c.head_dim)
-        q, k = encoding.transform_qk(q, k, positions, **context)
+        q, k, v = encoding.transform_qkv(q, k, v, positions, layer=self.layer, context=context)
         if cache is None:
             k_positions, k_segments, kv_mask = positions, segment_ids, None
             new_cache = None
@@ -89,10 +90,10 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, layer: int, *, rngs: nnx.Rngs):
         c = config
         self.norm1 = nnx.RMSNorm(c.d_model, dtype=_dtype(c), rngs=rngs)
-        self.attn = Attention(c, rngs=rngs)
+        self.attn = Attention(c, layer, rngs=rngs)
         self.norm2 = nnx.RMSNorm(c.d_model, dtype=_dtype(c), rngs=rngs)
         hidden = c.mlp_ratio * c.d_model
         self.up = nnx.Linear(c.d_model, hidden, dtype=_dtype(c), rngs=rngs)
@@ -128,7 +129,7 @@ class Transformer(nnx.Module):
             embedding_init=nnx.initializers.normal(stddev=token_width**-0.5),
             rngs=rngs,
         )
-        self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+        self.blocks = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
         self.norm = nnx.RMSNorm(c.d_model, dtype=_dtype(c), rngs=rngs)
         self.head = nnx.Linear(c.d_model, c.num_classes or c.vocab_size, dtype=_dtype(c), rngs=rngs)
 
@@ -226,7 +227,11 @@ class Transformer(nnx.Module):
                     "(a learned position table)"
                 )
         tokens, positions, segment_ids = self._inputs(tokens, positions, segment_ids)
-        context = {"seq_len": positions.max(axis=1) + 1, "anchor": positions.min(axis=1)}
+        context = PositionContext(
+            seq_len=positions.max(axis=1) + 1,
+            anchor=positions.min(axis=1),
+            prepared=self.encoding.prepare(positions),
+        )
         x = self._embed(tokens, positions)
         for block in self.blocks:
             x, _ = block(x, self.encoding, positions, segment_ids, context)
@@ -275,7 +280,11 @@ class Transformer(nnx.Module):
         }
         in_view = jnp.where(shared["valid"], shared["positions"], _checks.INT32_MIN)
         anchor = jnp.where(index == 0, positions.min(axis=1), cache["anchor"])
-        context = {"seq_len": in_view.max(axis=1) + 1, "anchor": anchor}
+        context = PositionContext(
+            seq_len=in_view.max(axis=1) + 1,
+            anchor=anchor,
+            prepared=self.encoding.prepare(positions),
+        )
         x = self._embed(tokens, positions)
         layers = []
         for block, layer in zip(self.blocks, cache["layers"], strict=True):
