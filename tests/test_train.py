@@ -230,6 +230,28 @@ def test_bad_flags_give_clear_errors(argv, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_everything_a_run_needs_is_checked_before_training(tmp_path, capsys):
+    """An evaluation length longer than the validation split used to fail after training."""
+    argv = ["--config=smoke", "--pe=learned", "--eval-lengths=32,999999", "--no-progress"]
+    rc = lm.main([*argv, f"--workdir={tmp_path}"])
+    assert rc == 2
+    assert "eval_lengths" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_flags_default_to_the_preset_and_override_it():
+    cfg = lm.build_config(lm.parser().parse_args(["--config=smoke"]))
+    smoke = cli.load_preset(lm.CONFIGS, "smoke")
+    assert (cfg.steps, cfg.seq_len, cfg.model.d_model) == (smoke.steps, smoke.seq_len, 32)
+    assert cfg.eval_lengths == (32, 64, 128) and cfg.eval_stride == 8
+    args = ["--config=smoke", "--pe=t5", '--pe-options={"num_buckets": 8}', "--steps=9"]
+    cfg = lm.build_config(lm.parser().parse_args(args))
+    assert cfg.steps == 9 and cfg.model.pe_options.num_buckets == 8
+    # a learned table covers every position the run uses unless --max-len says otherwise
+    cfg = lm.build_config(lm.parser().parse_args(["--config=smoke", "--pe=learned"]))
+    assert cfg.model.max_len == 128
+
+
 @pytest.mark.parametrize("content, message", [(b"", "empty"), (b"\xff\xfe\x00abc", "UTF-8")])
 def test_bad_data_files_are_named(content, message, tmp_path, capsys):
     path = tmp_path / "corpus.txt"

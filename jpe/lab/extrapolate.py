@@ -260,11 +260,11 @@ def run(lab: LabConfig, workdir: str | os.PathLike, *, progress: bool = True, lo
         cfg = _train_config(lab, spec, seed)
         name = spec.replace(RANDOMIZED, "-randomized")
         result = train(cfg, workdir / "runs" / f"{name}-seed{seed}", progress=progress)
-        report = result["eval"]
+        evaluation = result["eval"]
         runs.setdefault(spec, {})[seed] = {
-            "ppl": report["ppl"],
-            "ppl_sliding": report.get("ppl_sliding", {}),
-            "loss_by_position": report["loss_by_position"][str(max(lab.eval_lengths))],
+            "ppl": evaluation["ppl"],
+            "ppl_sliding": evaluation.get("ppl_sliding", {}),
+            "loss_by_position": evaluation["loss_by_position"][str(max(lab.eval_lengths))],
             "final_train_loss": result["losses"][-1]["loss"] if result["losses"] else None,
         }
         if spec == "rope" and lab.rope_scalings:
