@@ -329,7 +329,7 @@ def test_config_is_hashable_with_rope_scaling():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pe", ["learned", "binary"])
+@pytest.mark.parametrize("pe", ["learned", "binary", "floater"])
 def test_generate_with_absolute_tables_checked_on_concrete_values(pe):
     """generate jitted closed-over prompts; the tables' checks then read traced values."""
     model = make(pe)
