@@ -12,8 +12,10 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy.integrate import solve_ivp
 
+import jpe
 from jpe.encodings.floater import (
     floater_dynamics,
     floater_encoding,
@@ -300,3 +302,85 @@ def test_bad_arrays_raise():
         floater_encoding(jnp.arange(4), {k: v for k, v in PARAMS.items() if k != "b_out"}, INITIAL)
     with pytest.raises(ValueError, match="initial_bias"):
         floater_qkv_bias(jnp.arange(4), PARAMS, jnp.ones((2, DIM)))
+
+
+# ---------------------------------------------------------------- the registered encoding
+
+TINY_MODEL = dict(vocab_size=32, d_model=16, num_heads=2, num_layers=2, max_len=32)
+FAST = {"hidden": 4, "delta": 0.5, "steps_per_delta": 1}
+
+
+def floater_model(seed=0, **options):
+    config = jpe.TransformerConfig(pe="floater", pe_options={**FAST, **options}, **TINY_MODEL)
+    return jpe.Transformer(config, rngs=nnx.Rngs(seed))
+
+
+def test_zero_dynamics_model_equals_the_plain_model():
+    plain = jpe.Transformer(jpe.TransformerConfig(pe="none", **TINY_MODEL), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 32)
+    for variant in ("every-block", "input-only"):
+        model = floater_model(init_scale=0.0, variant=variant)
+        assert not np.any(model.encoding.dynamics["w_out"][...])
+        nnx.update(model, nnx.state(plain))  # the same weights outside the encoding
+        chex.assert_trees_all_close(model(tokens), plain(tokens), atol=1e-6, rtol=0)
+    # and the default (small, non-zero h) does depend on position
+    model = floater_model()
+    nnx.update(model, nnx.state(plain))
+    assert not np.allclose(model(tokens), plain(tokens), atol=1e-5)
+
+
+def test_model_solves_the_trajectory_once_per_pass(monkeypatch):
+    calls = []
+    original = diffrax.diffeqsolve
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["y0"].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(diffrax, "diffeqsolve", counting)
+    model = floater_model()
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 32)
+    model(tokens)
+    assert calls == [(2, 3, 16)]  # every block's q, k and v together: [N, 3, D]
+    nnx.jit(lambda m, t: m(t))(model, tokens)  # traced: bounded by max_len, still one solve
+    assert len(calls) == 2
+    input_only = floater_model(variant="input-only")
+    calls.clear()
+    input_only(tokens)
+    assert calls == [(16,)]
+
+
+def test_model_refuses_positions_past_the_bound():
+    model = floater_model()
+    tokens = jax.random.randint(jax.random.key(1), (1, 4), 0, 32)
+    with pytest.raises(ValueError, match="max_len"):
+        model(jax.random.randint(jax.random.key(1), (1, 33), 0, 32))
+    with pytest.raises(ValueError, match="max_len"):
+        model(tokens, positions=jnp.arange(4) + 30)
+    bounded = floater_model(max_position=8)
+    assert bounded.config.encoding.position_limit(bounded.config) == 8
+    with pytest.raises(ValueError, match=r"max_len\) = \[0, 8\)"):
+        bounded(tokens, positions=jnp.arange(4) + 5)
+    # Under jit the values are unknown: the row past the bound is NaN, never another's value.
+    out = nnx.jit(lambda m, t, p: m(t, positions=p))(bounded, tokens, jnp.arange(4) + 5)
+    assert np.isnan(out[0, 3]).all() and np.isfinite(out[0, :3]).all()
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"delta": 0.0}, "delta"),
+        ({"delta": float("nan")}, "delta"),
+        ({"delta": float("inf")}, "delta"),
+        ({"solver": "euler"}, "solver"),
+        ({"variant": "input"}, "variant"),
+        ({"hidden": 0}, "hidden"),
+        ({"steps_per_delta": 0}, "steps_per_delta"),
+        ({"max_position": 0}, "max_position"),
+        ({"init_scale": -1.0}, "init_scale"),
+        ({"init_scale": float("nan")}, "init_scale"),
+    ],
+)
+def test_model_bad_options_raise(options, match):
+    with pytest.raises(ValueError, match=match):
+        jpe.TransformerConfig(pe="floater", pe_options=options, **TINY_MODEL)

@@ -46,7 +46,7 @@ class GaussianBias(jpe.nn.Encoding):
 
 TINY = dict(vocab_size=32, d_model=16, num_heads=2, num_layers=2, max_len=64)
 # Options that keep the tiny models tiny, per encoding.
-OPTIONS = {"cope": {"npos": 16}}
+OPTIONS = {"cope": {"npos": 16}, "floater": {"hidden": 4, "delta": 0.5, "steps_per_delta": 1}}
 B, L = 2, 10
 
 
@@ -329,7 +329,7 @@ def test_config_is_hashable_with_rope_scaling():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pe", ["learned", "binary"])
+@pytest.mark.parametrize("pe", ["learned", "binary", "floater"])
 def test_generate_with_absolute_tables_checked_on_concrete_values(pe):
     """generate jitted closed-over prompts; the tables' checks then read traced values."""
     model = make(pe)

@@ -26,6 +26,7 @@ __all__ = [
     "CoPE",
     "DynamicPositionBias",
     "FIRE",
+    "Floater",
     "Kerple",
     "Learned",
     "NoPE",
@@ -534,3 +535,147 @@ class CoPE(Encoding):
 
     def contextual_bias(self, q, logits, mask):
         return contextual.cope_bias(q, logits, mask, self.pos_emb[...])
+
+
+# ---------------------------------------------------------------------------------------------
+# A learned continuous dynamical system (FLOATER)
+# ---------------------------------------------------------------------------------------------
+
+
+def _floater():
+    """`jpe.encodings.floater`, imported on first use: it loads diffrax, which no other
+    encoding needs."""
+    from jpe.encodings import floater
+
+    return floater
+
+
+@register("floater")
+class Floater(Encoding):
+    """FLOATER (Liu, Yu, Dhillon and Hsieh, ICML 2020, arXiv 2003.09229): positions read off the
+    trajectory of a learned ODE, `jpe.encodings.floater`.
+
+    One dynamics h(t, p; theta) (`floater_dynamics`: Linear(D + 1 -> hidden) -> ReLU ->
+    Linear(hidden + 1 -> D), time appended to each layer's input) is shared by every block.
+
+    variant "every-block" (default; sec. 3.3, Eqs. 12-13): block n's query, key and value
+    projections get position-dependent biases, each a trajectory of h from the block's own
+    initial value (Eq. 10),
+
+        b^(n)_j(t) = b^(n)_j(0) + integral_0^t h(tau, b^(n)_j(tau); theta) dtau,   j in {q, k, v},
+
+    read at t_i = i * delta. `prepare` solves all N * 3 trajectories together, once per forward
+    pass (or decoding call), `[B or 1, L, N, 3, D]` with D = num_heads * head_dim;
+    `transform_qkv` adds block `layer`'s three to q, k and v, split into heads. With
+    grouped-query attention (kv_heads < num_heads) the k and v states are still D wide, as h
+    needs, and their first kv_heads * head_dim features are the biases. Keys and values are
+    cached with their bias, so a decoder adds each once, at its own position.
+
+    variant "input-only" (Eq. 8, the form without the bias reparametrisation): one trajectory
+    p(t) of width d_model from a learned p(0), added once to the token embeddings (`embed`).
+
+    Initialisation: the initial values are zero, and h's output layer is Glorot times
+    `init_scale` (default 0.1): the model starts near the plain Transformer (`none`, whose
+    projections have no bias) but h is not zero, so its first layer gets a gradient from the
+    first step. `init_scale=0` gives h = 0 and a model that computes exactly what `none` does
+    with the same other weights (the paper's warm start).
+
+    The bound under jit: under `jax.jit` the positions are traced, so the solve needs a static
+    range to size diffrax's step budget. It is [0, max_position), max_position defaulting to
+    `TransformerConfig.max_len`, and `position_limit` reports it, so the Transformer refuses
+    concrete positions outside it with a ValueError naming max_len; under jit such a position's
+    row is NaN (never another position's value), as for `learned`. The cost of a pass grows
+    with its largest position (steps_per_delta solver steps per position), not with max_len.
+    """
+
+    shift_invariant = False
+
+    @dataclasses.dataclass(frozen=True)
+    class Options(Options):
+        """delta: time between neighbouring positions, finite > 0 (the paper's text says 0.1,
+        its code 0.01); solver: "rk4", "midpoint" or "tsit5"; steps_per_delta: solver steps
+        per delta (the paper's is 5); hidden: h's hidden width (default: D, as in the paper);
+        variant: "every-block" or "input-only"; max_position: positions must lie in
+        [0, max_position) (default `TransformerConfig.max_len`); init_scale: h's output layer
+        is Glorot times this, finite >= 0 (0: h = 0)."""
+
+        delta: float = 0.1
+        solver: str = "rk4"
+        steps_per_delta: int = 5
+        hidden: int | None = None
+        variant: str = "every-block"
+        max_position: int | None = None
+        init_scale: float = 0.1
+
+        def __post_init__(self):
+            _checks.positive_float("delta", self.delta)
+            _checks.one_of("solver", self.solver, ("rk4", "midpoint", "tsit5"))
+            _checks.positive_int("steps_per_delta", self.steps_per_delta)
+            if self.hidden is not None:
+                _checks.positive_int("hidden", self.hidden)
+            _checks.one_of("variant", self.variant, ("every-block", "input-only"))
+            if self.max_position is not None:
+                _checks.positive_int("max_position", self.max_position)
+            _checks.positive_float("init_scale", self.init_scale, allow_zero=True)
+
+    @classmethod
+    def width(cls, config) -> int:
+        """D, the width of a trajectory: q's projection (every-block) or d_model (input-only)."""
+        if config.pe_options.variant == "input-only":
+            return config.d_model
+        return config.num_heads * config.head_dim
+
+    @classmethod
+    def position_limit(cls, config) -> int:
+        return config.pe_options.max_position or config.max_len
+
+    def __init__(self, config, *, rngs):
+        super().__init__(config, rngs=rngs)
+        o, width = self.options, self.width(config)
+        params = _floater().floater_init(
+            rngs.params(), width, hidden=o.hidden, zero_output=o.init_scale == 0
+        )
+        params["w_out"] = params["w_out"] * o.init_scale
+        self.dynamics = nnx.Dict({k: nnx.Param(v) for k, v in params.items()})
+        if o.variant == "input-only":
+            self.initial = nnx.Param(jnp.zeros((width,), jnp.float32))
+        else:
+            self.initial = nnx.Param(jnp.zeros((config.num_layers, 3, width), jnp.float32))
+
+    def _solve_kwargs(self) -> dict:
+        o = self.options
+        return dict(
+            delta=o.delta,
+            solver=o.solver,
+            steps_per_delta=o.steps_per_delta,
+            position_range=(0, self.position_limit(self.config) - 1),
+        )
+
+    def prepare(self, positions):
+        """Every block's q, k and v biases, `[B or 1, L, N, 3, D]` (every-block; else None)."""
+        if self.options.variant != "every-block":
+            return None
+        params = {k: v[...] for k, v in self.dynamics.items()}
+        return _floater().floater_qkv_bias(
+            positions, params, self.initial[...], **self._solve_kwargs()
+        )
+
+    def embed(self, x, positions):
+        if self.options.variant != "input-only":
+            return x
+        params = {k: v[...] for k, v in self.dynamics.items()}
+        table = _floater().floater_encoding(
+            positions, params, self.initial[...], **self._solve_kwargs()
+        )
+        return x + table.astype(x.dtype)
+
+    def transform_qkv(self, q, k, v, positions, *, layer, context):
+        if self.options.variant != "every-block":
+            return q, k, v
+        bias = context.prepared[:, :, layer]  # [B or 1, L, 3, D]
+        lead = bias.shape[:2]
+        q_bias = bias[..., 0, :].reshape(*lead, *q.shape[2:])
+        kv_width = k.shape[2] * k.shape[3]
+        k_bias = bias[..., 1, :kv_width].reshape(*lead, *k.shape[2:])
+        v_bias = bias[..., 2, :kv_width].reshape(*lead, *v.shape[2:])
+        return q + q_bias.astype(q.dtype), k + k_bias.astype(k.dtype), v + v_bias.astype(v.dtype)
