@@ -62,6 +62,37 @@ def test_markdown_and_figures(lab_run):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
 
 
+def test_add_to_puts_new_encodings_beside_an_earlier_lab(lab_run, tmp_path):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in ("results.md", "results.json"):
+        (earlier / name).write_text((lab_run / name).read_text())
+    before = (earlier / "results.md").read_text()
+    argv = [*TINY, "--pe=none", "--rope-scaling=", "--seeds=0", f"--workdir={tmp_path / 'w'}",
+            f"--add-to={earlier}"]  # fmt: skip
+    assert cli.main(argv) == 0
+    text = (earlier / "results.md").read_text()
+    tables = lab_lib.report.read_tables(text)
+    assert len(tables) == 2
+    for rows in tables.values():
+        assert {"alibi", "rope", "none"} <= set(rows)
+    old = lab_lib.report.read_tables(before)
+    for title, rows in old.items():
+        assert all(tables[title][name] == row for name, row in rows.items()), "earlier rows kept"
+    new = json.loads((tmp_path / "w" / "results.json").read_text())["none"]
+    merged = json.loads((earlier / "results.json").read_text())
+    assert merged["none"] == new and "alibi" in merged
+    assert "Rows added later (none)" in text
+    assert (earlier / "extrapolation.png").read_bytes()[:4] == b"\x89PNG"
+    # the tables read back as the numbers they print (two decimals)
+    for length, value in merged["alibi"].items():
+        assert tables[next(iter(tables))]["alibi"][length] == pytest.approx(value, abs=0.006)
+    bad = [*TINY, "--pe=none", "--eval-lengths=16,32", f"--workdir={tmp_path / 'x'}",
+           f"--add-to={earlier}"]  # fmt: skip
+    assert cli.main(bad) == 2
+    assert not (tmp_path / "x" / "runs").exists(), "checked before training"
+
+
 def test_running_again_resumes_instead_of_retraining(lab_run, capsys):
     before = (lab_run / "runs" / "alibi-seed0" / "metrics.jsonl").read_text()
     argv = [*TINY, "--pe=alibi", "--rope-scaling=", "--seeds=0", f"--workdir={lab_run}"]

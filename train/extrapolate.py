@@ -39,6 +39,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", help="outputs (default runs/extrapolate, or runs/task-TASK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--add-to",
+        metavar="DIR",
+        help="also add this run's encodings to an earlier lab's results in DIR (its "
+        "results.md tables, results.json and extrapolation.png), e.g. docs/results",
+    )
     cli.add_fields(p, LabConfig, flags=_FLAGS)
     p.add_argument("--train-len", dest="seq_len", type=int, help="the same as --seq-len")
     p.add_argument(
@@ -66,16 +72,23 @@ def build_lab(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from jpe.lab.extrapolate import TaskLabConfig, run, run_tasks
+    from jpe.lab.extrapolate import TaskLabConfig, add_to, check_add_to, run, run_tasks
 
     try:
         lab = build_lab(args)
+        if args.add_to and isinstance(lab, TaskLabConfig):
+            raise ValueError("--add-to applies to the language-model lab, not to --task")
+        if args.add_to:
+            check_add_to(lab, args.add_to)  # before any training
         if isinstance(lab, TaskLabConfig):
             workdir = Path(args.workdir or ROOT / "runs" / f"task-{lab.task}")
             run_tasks(lab, workdir, progress=not args.no_progress)
         else:
             workdir = Path(args.workdir or ROOT / "runs" / "extrapolate")
-            run(lab, workdir, progress=not args.no_progress)
+            details = run(lab, workdir, progress=not args.no_progress)
+            if args.add_to:
+                added = add_to(details, args.add_to)
+                print(f"added {', '.join(added)} to {args.add_to}/results.md")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ randomized positions by naming it `PE+randomized`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -41,6 +42,8 @@ from jpe.lab import report
 __all__ = [
     "ROPE_SCALINGS",
     "LabConfig",
+    "add_to",
+    "check_add_to",
     "TaskLabConfig",
     "parse_pe",
     "run",
@@ -287,12 +290,14 @@ def _lm_spec(details: dict) -> report.ReportSpec:
                 "ppl",
                 "Validation perplexity, non-overlapping windows (every token scored once)",
                 "validation perplexity (bytes)",
+                panel="non-overlapping windows",
             ),
             report.Metric(
                 "ppl_sliding",
                 f"Validation perplexity, sliding windows (each window scores its last {stride} "
                 f"tokens, which have at least L − {stride} tokens of context)",
                 "validation perplexity (bytes)",
+                panel="sliding windows",
             ),
         ),
         summary=(
@@ -320,6 +325,80 @@ def write_outputs(details: dict, workdir: str | os.PathLike) -> None:
     workdir = Path(workdir)
     report.write(details, workdir, _lm_spec(details))
     report.plot_position_loss(details, workdir / "position_loss.png")
+
+
+def check_add_to(lab: LabConfig, directory: str | os.PathLike) -> None:
+    """Raises `ValueError` unless `directory` holds a lab's `results.md` whose tables the runs
+    of `lab` can join (the same evaluation lengths and stride): checked before training."""
+    path = Path(directory) / "results.md"
+    if not path.is_file():
+        raise ValueError(f"add_to: {path} does not exist; run the earlier lab there first")
+    earlier = report.read_tables(path.read_text())
+    probe = {"config": dataclasses.asdict(lab), "machine": "", "command": ""}
+    for metric in _lm_spec(probe).metrics:
+        if metric.title not in earlier:
+            raise ValueError(
+                f"add_to: {path} has no table {metric.title!r}; the runs differ in their "
+                "stride or evaluation modes"
+            )
+        old_sizes = {int(n) for row in earlier[metric.title].values() for n in row}
+        if old_sizes != set(lab.eval_lengths):
+            raise ValueError(
+                f"add_to: the evaluation lengths differ: {sorted(old_sizes)} in {path}, "
+                f"{list(lab.eval_lengths)} here"
+            )
+
+
+def add_to(details: dict, directory: str | os.PathLike) -> list[str]:
+    """Adds the encodings of a finished lab run to an earlier lab's results in `directory`,
+    without rerunning the earlier encodings.
+
+    The new rows are appended to each table of `directory/results.md` (a row of the same
+    name is replaced), a line under the tables records the command, machine and time of the
+    added rows, `results.json` gains their means, and `extrapolation.png` is redrawn from the
+    tables, so the new encodings are drawn beside the earlier ones (`position_loss.png` is
+    left as it was). Both runs must share the evaluation lengths and the stride.
+
+    Returns:
+      the specs added.
+
+    Raises:
+      ValueError: `directory` holds no `results.md`, or its tables have other lengths or
+        another stride than this run's.
+    """
+    directory = Path(directory)
+    check_add_to(LabConfig(**{**details["config"], "eval_lengths": tuple(
+        details["config"]["eval_lengths"])}), directory)  # fmt: skip
+    path = directory / "results.md"
+    text = path.read_text()
+    spec = _lm_spec(details)
+    ours = report.markdown(details, spec).splitlines()
+    added = list(details["runs"])
+    for metric in spec.metrics:
+        start = ours.index(f"### {metric.title}")
+        rows = {}
+        for line in ours[start + 4 :]:
+            if not line.startswith("| "):
+                break
+            rows[line.split("|")[1].strip()] = line
+        text = report.add_rows(text, metric.title, rows)
+    text = text.rstrip("\n") + (
+        f"\n\nRows added later ({', '.join(added)}), with the same budget: command "
+        f"`{details['command']}`, machine {details['machine']}, {details['seconds']:.0f} s.\n"
+    )
+    path.write_text(text)
+    results_path = directory / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    means = report.aggregate(details, spec.metrics[0].key)
+    results.update({name: {k: v[0] for k, v in by.items()} for name, by in means.items()})
+    results_path.write_text(json.dumps(results, indent=1))
+    tables = report.read_tables(text)
+    runs = {
+        name: {"0": {m.key: tables[m.title].get(name, {}) for m in spec.metrics}}
+        for name in tables[spec.metrics[0].title]
+    }
+    report.plot({**details, "runs": runs}, spec, directory / spec.figure)
+    return added
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "details",
     "machine",
     "markdown",
+    "read_tables",
     "write",
 ]
 
@@ -44,12 +45,13 @@ __all__ = [
 @dataclasses.dataclass(frozen=True)
 class Metric:
     """One measured quantity: `key` in each run, its table `title`, and whether it is drawn
-    (with `title` as the panel title and `axis` as the y label)."""
+    (with `axis` as the y label and `panel`, default `title`, as the panel's title)."""
 
     key: str
     title: str
     axis: str = ""
     plot: bool = True
+    panel: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +153,44 @@ def markdown(details: dict, spec: ReportSpec) -> str:
     return "\n".join(lines)
 
 
+def read_tables(text: str) -> dict[str, dict[str, dict[str, float]]]:
+    """The tables of a `results.md` written by `markdown`, back as numbers:
+    `{title: {spec: {size: mean}}}` (the min–max range of several seeds is dropped)."""
+    tables, title, sizes = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            title, sizes = line[4:].strip(), None
+            tables[title] = {}
+        elif title is not None and line.startswith("| pe |"):
+            sizes = [cell.strip().split(" ")[0] for cell in line.strip("|").split("|")[1:]]
+        elif title is not None and sizes and line.startswith("| ") and not line.startswith("|---"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            row = {}
+            for size, cell in zip(sizes, cells[1:], strict=True):
+                if cell:
+                    row[size] = float(cell.split(" ")[0])
+            tables[title][cells[0]] = row
+    return tables
+
+
+def add_rows(text: str, title: str, rows: dict[str, str]) -> str:
+    """`text` (a `results.md`) with Markdown `rows` (`{spec: "| spec | ... |"}`) appended to
+    the table under `### title`; a row for a spec already there replaces it."""
+    lines = text.splitlines()
+    start = lines.index(f"### {title}")
+    end = start + 1
+    while end < len(lines) and not lines[end].startswith("| "):
+        end += 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    table = [
+        ln
+        for ln in lines[start:end]
+        if not ln.startswith("| ") or ln.split("|")[1].strip() not in rows
+    ]
+    return "\n".join(lines[:start] + table + list(rows.values()) + lines[end:]) + "\n"
+
+
 def line_styles(specs) -> dict[str, dict]:
     """One colour per base encoding; its variants (rope scalings, randomized positions) share
     the colour with their own dash pattern and marker."""
@@ -218,7 +258,7 @@ def plot(details: dict, spec: ReportSpec, path: Path) -> None:
         ax.set_xlabel(spec.x_label)
         ax.set_ylabel(metric.axis)
         if wide:
-            ax.set_title(metric.title)
+            ax.set_title(metric.panel or metric.title)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if wide:
         fig.suptitle(spec.title)
