@@ -349,7 +349,7 @@ def test_generate_and_decode_input_errors():
         generate(model, tokens(shape=(1, 5)), 2, prompt_mask=jnp.arange(5)[None] < 3)
     with pytest.raises(ValueError, match="vocab_size"):
         generate(model, jnp.array([[1, 40]]), 2)
-    with pytest.raises(ValueError, match="learned position table"):
+    with pytest.raises(ValueError, match="past max_len 8 of pe='learned'"):
         generate(make("learned", max_len=8), tokens(shape=(1, 5)), 4)
     with pytest.raises(ValueError, match="rows"):
         model.decode(tokens(shape=(3, 2)), init_cache(model.config, 2, 8))

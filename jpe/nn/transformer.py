@@ -224,7 +224,7 @@ class Transformer(nnx.Module):
             if length > limit:
                 raise ValueError(
                     f"sequence length {length} exceeds max_len {limit} of pe={self.config.pe!r} "
-                    "(a learned position table)"
+                    "(the positions it holds: Encoding.position_limit)"
                 )
         tokens, positions, segment_ids = self._inputs(tokens, positions, segment_ids)
         context = PositionContext(
@@ -402,7 +402,8 @@ def generate(
         if last >= limit:
             raise ValueError(
                 f"generating {num_tokens} tokens after this prompt reaches position {last}, "
-                f"past max_len {limit} of pe={model.config.pe!r} (a learned position table)"
+                f"past max_len {limit} of pe={model.config.pe!r} (the positions it holds: "
+                "Encoding.position_limit)"
             )
     model._inputs(prompt, positions, segments)  # concrete checks (token ids), before jit
     cache = init_cache(model.config, batch, plen + num_tokens)
