@@ -64,6 +64,7 @@ __all__ = [
     "load_digits",
     "load_image_folder",
     "place_on_canvas",
+    "predictor",
     "random_offsets",
     "resample",
     "run_vision_lab",
@@ -100,6 +101,7 @@ class VisionConfig:
       seed: seeds the parameters, the batches and the test offsets.
       data: None for scikit-learn's digits, or a folder with one subfolder per class.
       test_fraction: the held-out share of each class (stratified split, seed 0).
+      eval_limit: score only the first this many held-out images (quick checks); None: all.
       checkpoint_every, keep: checkpoint interval in steps and how many to keep.
       log_every: steps between loss checks and metrics lines.
     """
@@ -121,6 +123,7 @@ class VisionConfig:
     seed: int = 0
     data: str | None = None
     test_fraction: float = 0.25
+    eval_limit: int | None = None
     checkpoint_every: int = 500
     keep: int = 2
     log_every: int = 50
@@ -139,6 +142,8 @@ class VisionConfig:
         if self.warmup is None:
             set_("warmup", max(1, self.steps // 10))
         _checks.positive_int("warmup", self.warmup, minimum=0)
+        if self.eval_limit is not None:
+            _checks.positive_int("eval_limit", self.eval_limit)
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         sizes = self.eval_sizes
@@ -221,9 +226,15 @@ class ImageData:
 def _split(images, labels, classes, name, test_fraction) -> ImageData:
     from sklearn.model_selection import train_test_split
 
-    a, b, y_a, y_b = train_test_split(
-        images, labels, test_size=test_fraction, stratify=labels, random_state=0
-    )
+    try:
+        a, b, y_a, y_b = train_test_split(
+            images, labels, test_size=test_fraction, stratify=labels, random_state=0
+        )
+    except ValueError as error:  # too few images for a stratified split
+        raise ValueError(
+            f"data: cannot split the {len(labels)} images of {name} ({len(classes)} classes) "
+            f"with test_fraction {test_fraction}: {error}"
+        ) from None
     return ImageData(a, y_a.astype(np.int32), b, y_b.astype(np.int32), tuple(classes), name)
 
 
@@ -344,10 +355,10 @@ def _test_canvases(data: ImageData, config: VisionConfig) -> dict[str, dict[int,
     """The test images of each protocol at each size (offsets fixed by the seed)."""
     rng = np.random.default_rng([config.seed, 1 << 20])  # apart from the training batches
     out = {"accuracy": {}, "resampled": {}}
-    n = len(data.test_images)
+    images = data.test_images[: config.eval_limit]
     for size in config.eval_sizes:
-        offsets = random_offsets(rng, n, data.side, size, config.patch_size)
-        out["accuracy"][size] = place_on_canvas(data.test_images, size, offsets)
+        offsets = random_offsets(rng, len(images), data.side, size, config.patch_size)
+        out["accuracy"][size] = place_on_canvas(images, size, offsets)
     base = out["accuracy"][config.train_size]
     for size in config.eval_sizes:
         out["resampled"][size] = base if size == config.train_size else resample(base, size)
@@ -361,23 +372,35 @@ def _test_canvases(data: ImageData, config: VisionConfig) -> dict[str, dict[int,
 _EVAL_PATCHES = 1 << 14  # patches per evaluation batch
 
 
-def evaluate_vit(model: VisionTransformer, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of `model` on `images` `[N, H, W, C]`, in batches of one shape."""
-    build, params = core.flatten_model(model)
+def evaluate_vit(
+    model: VisionTransformer, images: np.ndarray, labels: np.ndarray, *, predict=None
+) -> float:
+    """Top-1 accuracy of `model` on `images` `[N, H, W, C]`, in batches of one shape.
+
+    `predict`, from `predictor(model)`, reuses one jitted function (one compilation per image
+    shape) across calls."""
+    params, predict = predictor(model) if predict is None else predict
     n = len(images)
     patches = (images.shape[1] // model.patch_size) * (images.shape[2] // model.patch_size)
     per_batch = max(1, min(n, _EVAL_PATCHES // patches))
-
-    @jax.jit
-    def predict(params, batch):
-        return jnp.argmax(build(params)(batch), axis=-1)
-
     correct = 0
     for start in range(0, n, per_batch):
         index = np.arange(start, start + per_batch) % n  # the last batch wraps: one shape
         predicted = np.asarray(predict(params, images[index]))[: min(per_batch, n - start)]
         correct += int(np.sum(predicted == labels[start : start + per_batch]))
     return correct / n
+
+
+def predictor(model: VisionTransformer):
+    """`(params, predict)`: the model's parameters and a jitted `predict(params, images)` of
+    its argmax classes, for `evaluate_vit`."""
+    build, params = core.flatten_model(model)
+
+    @jax.jit
+    def predict(params, batch):
+        return jnp.argmax(build(params)(batch), axis=-1)
+
+    return params, predict
 
 
 def _size_name(size: int) -> str:
@@ -389,7 +412,7 @@ def _size_name(size: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 # Fields that change only what is done around training, so a run may resume with others.
-_RESUMABLE = {"checkpoint_every", "keep", "log_every", "eval_sizes"}
+_RESUMABLE = {"checkpoint_every", "keep", "log_every", "eval_sizes", "eval_limit"}
 
 
 def _loss(model, batch, positions):
@@ -478,9 +501,12 @@ def train_vit(
         "accuracy": {},
         "resampled": {},
     }
+    predict = predictor(model)
+    labels = data.test_labels[: c.eval_limit]
     for protocol, by_size in _test_canvases(data, c).items():
         for size, images in by_size.items():
-            report_[protocol][_size_name(size)] = evaluate_vit(model, images, data.test_labels)
+            accuracy = evaluate_vit(model, images, labels, predict=predict)
+            report_[protocol][_size_name(size)] = accuracy
     if jax.process_index() == 0:
         (workdir / "eval.json").write_text(json.dumps(report_, indent=1))
     return {
