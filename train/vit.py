@@ -10,7 +10,9 @@ runs/vit-PE), and prints top-1 accuracy on the held-out digits at 12x12, 16x16, 
 resumes. `--pe` takes none, sinusoidal, learned, rope, rope-mixed or alibi, which select
 their 2-D forms (sinusoidal-2d, learned-2d, rope-2d, rope-mixed, alibi-2d). `--data=FOLDER`
 trains on a folder with one subfolder per class instead. Every flag is a field of
-`jpe.lab.vision.VisionConfig`.
+`jpe.lab.vision.VisionConfig`. With the defaults a run takes about 4 minutes on 2 shared CPU
+cores (jax CPU) and measured, canvas protocol, 0.90 / 0.55 / 0.14 / 0.10 for sinusoidal and
+0.94 / 0.79 / 0.10 / 0.10 for rope-mixed (seed 0).
 
     python train/vit.py --lab --pes=none,sinusoidal,learned,rope,rope-mixed,alibi --seeds=0,1
 
