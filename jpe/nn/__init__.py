@@ -1,6 +1,6 @@
 """Flax NNX: the encoding interface and registry, one module per encoding, and the Transformer."""
 
-from jpe.nn import encodings
+from jpe.nn import encodings, encodings_2d
 from jpe.nn.config import TransformerConfig
 from jpe.nn.registry import ENCODINGS, Capabilities, Encoding, Options, encoding_class, register
 from jpe.nn.transformer import Transformer, generate, init_cache
@@ -14,6 +14,7 @@ __all__ = [
     "TransformerConfig",
     "encoding_class",
     "encodings",
+    "encodings_2d",
     "generate",
     "init_cache",
     "register",

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from jpe.encodings import _checks
 from jpe.nn import encodings as _encodings  # noqa: F401  (registers the built-in encodings)
+from jpe.nn import encodings_2d as _encodings_2d  # noqa: F401  (and the 2-D ones)
 from jpe.nn.registry import Options, encoding_class
 
 __all__ = ["TransformerConfig"]
