@@ -58,6 +58,14 @@ ROPE_SCALINGS = ("linear", "ntk", "dynamic", "yarn", "llama3")
 RANDOMIZED = "+randomized"
 
 
+def sequence_encodings() -> tuple[str, ...]:
+    """The registered encodings of 1-D positions: the labs' default set (2-D encodings of
+    image grids are the vision lab's)."""
+    from jpe.nn.registry import ENCODINGS, encoding_class
+
+    return tuple(n for n in ENCODINGS if encoding_class(n).position_axes == 1)
+
+
 def parse_pe(spec: str) -> tuple[str, bool]:
     """`"rope"` -> ("rope", False); `"rope+randomized"` -> ("rope", True).
 
@@ -117,10 +125,9 @@ class LabConfig:
     data: str | None = None
 
     def __post_init__(self):
-        from jpe.nn.registry import ENCODINGS
 
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("pes", tuple(self.pes) or tuple(ENCODINGS))
+        set_("pes", tuple(self.pes) or sequence_encodings())
         for spec in self.pes:
             parse_pe(spec)
         if len(set(self.pes)) != len(self.pes):
@@ -441,11 +448,10 @@ class TaskLabConfig:
 
     def __post_init__(self):
         from jpe.lab import tasks
-        from jpe.nn.registry import ENCODINGS
 
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         _checks.one_of("task", self.task, tasks.TASKS)
-        set_("pes", tuple(self.pes) or tuple(ENCODINGS))
+        set_("pes", tuple(self.pes) or sequence_encodings())
         for spec in self.pes:
             parse_pe(spec)
         for name in ("task_len", "steps", "batch_size", "d_model", "num_layers", "num_heads"):

@@ -44,6 +44,8 @@ class Sinusoidal2D(_Absolute):
     """MAE's 2-D sine-cosine table (He et al. 2021, `two_d.sincos_2d_at`) at each patch's
     (row, column); on 1-D positions, a 1 x L grid."""
 
+    position_axes = 2
+
     @classmethod
     def check_config(cls, config):
         _check_width("sinusoidal-2d", cls.width(config), 4, "the table width (d_model)")
@@ -66,6 +68,8 @@ class Learned2D(_Absolute):
     defines it, so a ViT trained on a 6 x 6 grid with max_len 6 runs at 8 x 8 with the table
     interpolated.
     """
+
+    position_axes = 2
 
     @dataclasses.dataclass(frozen=True)
     class Options(_Absolute.Options):
@@ -113,6 +117,8 @@ class Learned2D(_Absolute):
 
 
 class _Rotary2D(Encoding):
+    position_axes = 2
+
     @dataclasses.dataclass(frozen=True)
     class Options(Options):
         """base: the frequency base (RoPE-ViT: 100 axial, 10 mixed); layout: "interleaved"
@@ -191,6 +197,8 @@ class RoPEMixed(_Rotary2D):
 class ALiBi2D(Encoding):
     """ALiBi on the patch grid: -m_h * distance between patches (`two_d.alibi_2d_bias`), the
     slopes of Press et al. (`alibi_slopes`). On 1-D positions it is ALiBi."""
+
+    position_axes = 2
 
     @dataclasses.dataclass(frozen=True)
     class Options(Options):

@@ -163,6 +163,10 @@ class Encoding(nnx.Module):
     #: logits unchanged when every position shifts by the same constant (a claim the
     #: contract test checks)
     shift_invariant: ClassVar[bool] = True
+    #: axes of the positions the encoding reads: 1 for sequences, 2 for image grids (a patch's
+    #: (row, col) packed into one int, `jpe.encodings.two_d`); the language labs train the 1-D
+    #: ones by default, the vision lab the 2-D ones
+    position_axes: ClassVar[int] = 1
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.config = config
