@@ -75,8 +75,8 @@ def _live_blocks(qp, qs, kp, ks, kvalid, q_len, k_len, bq, bk, causal):
     (a superset: a live pair may still be wholly masked), and each row's and column's first
     and last live block."""
     nq, nk = qp.shape[1] // bq, kp.shape[1] // bk
-    qvalid = jnp.broadcast_to(jnp.arange(qp.shape[1]) < q_len, qp.shape)
-    kvalid = kvalid & (jnp.arange(kp.shape[1]) < k_len)
+    qvalid = jnp.broadcast_to(jnp.arange(qp.shape[1])[None, :] < q_len, qp.shape)
+    kvalid = kvalid & (jnp.arange(kp.shape[1])[None, :] < k_len)
     _, qp_max = _block_stats(qp, qvalid, nq, bq)
     kp_min, _ = _block_stats(kp, kvalid, nk, bk)
     qs_min, qs_max = _block_stats(qs, qvalid, nq, bq)
