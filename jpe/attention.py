@@ -212,6 +212,7 @@ def attention(
             block_size=block,
             scale=scale,
             interpret=jax.default_backend() == "cpu",
+            platform=jax.default_backend(),
         )
     if implementation == "cudnn":
         plain = q_positions_given is None and k_positions_given is None

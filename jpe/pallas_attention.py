@@ -143,7 +143,13 @@ class _Bias:
             consts.append(next(d) if i in self.diff_index else next(f))
         (out,) = jax.core.eval_jaxpr(self.jaxpr, consts, qp[None], kp[None])
         out = out.astype(jnp.float32)
-        return out[0] if out.ndim == 4 else out
+        return out.reshape(out.shape[1:]) if out.ndim == 4 else out
+
+
+def _triton_params():
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def _as_2d(x):
@@ -180,6 +186,7 @@ def flash_attention(
     block_size: int,
     scale: float,
     interpret: bool = False,
+    platform: str | None = None,
 ) -> jax.Array:
     """Flash attention with an in-kernel positional bias; `jpe.attention(implementation=
     "pallas")` calls it after checking its arguments.
@@ -196,6 +203,8 @@ def flash_attention(
         not divide by it.
       scale: logit scale; the bias is added unscaled.
       interpret: run the kernels in Pallas's interpret mode (CPU).
+      platform: "gpu" selects the Triton backend (`pltriton.CompilerParams`); anything else
+        leaves Pallas's default (Mosaic on TPU). Default: JAX's default backend.
     Returns:
       `[B, Lq, H, D]` in q.dtype; differentiable in q, k, v and the bias's closed-over arrays.
     """
@@ -229,6 +238,10 @@ def flash_attention(
     kt = _pad(jnp.swapaxes(k, 1, 2), 2, lk, 0)
     vt = _pad(jnp.swapaxes(v, 1, 2), 2, lk, 0)
     out_dtype = q.dtype
+    platform = jax.default_backend() if platform is None else platform
+    # On GPU, Triton: its pointer-based blocks let one program read any key block of a row
+    # (the loop bounds are data), while Mosaic GPU stages each whole block in shared memory.
+    params = _triton_params() if platform == "gpu" and not interpret else None
 
     def mask_of(qp_b, qs_b, kp_b, ks_b, kval_b):
         mask = (qs_b[:, None] == ks_b[None, :]) & kval_b[None, :]
@@ -240,7 +253,14 @@ def flash_attention(
         return bias(diff, fixed_consts, qp_b, kp_b) if bias.present else None
 
     def head_bias(b, h):
-        return None if b is None else b[h if bias.heads > 1 else 0]
+        if b is None:
+            return None
+        if bias.heads == 1:
+            return b.reshape(b.shape[1:])
+        if params is not None:  # Triton cannot slice a value: select head h by a masked sum
+            heads = jax.lax.broadcasted_iota(jnp.int32, b.shape, 0)
+            return jnp.where(heads == h, b, 0.0).sum(0)
+        return b[h]
 
     def kv_block(ref, g, start, kval_b):
         x = ref[0, g, pl.ds(start, bk), :]
@@ -340,6 +360,7 @@ def flash_attention(
                 jax.ShapeDtypeStruct((batch, num_heads, lq), jnp.float32),
             ],
             interpret=interpret,
+            compiler_params=params,
             name="jpe_flash_fwd",
         )(q_t, k_t, v_t, qp, qs, kp, ks, kval, live, k_lo, k_hi, *diff2d, *fixed)
 
@@ -391,9 +412,15 @@ def flash_attention(
                         * jnp.float32(scale)
                     )
             if bias.present and n_diff:
-                dbias = jnp.stack(ds_all)
                 if bias.heads == 1:
-                    dbias = dbias.sum(0, keepdims=True)
+                    dbias = sum(ds_all)[None]
+                elif params is None:
+                    dbias = jnp.stack(ds_all)
+                else:  # Triton stacks two arrays at most: place each head by a select
+                    heads = jax.lax.broadcasted_iota(jnp.int32, (num_heads, bq, bk), 0)
+                    dbias = jnp.zeros((num_heads, bq, bk), jnp.float32)
+                    for h, ds in enumerate(ds_all):
+                        dbias = jnp.where(heads == h, ds[None], dbias)
                 (grads,) = bias_vjp(dbias)
                 pairs = zip(dparams, grads, strict=True)
                 dparams = tuple(a + g_.astype(jnp.float32) for a, g_ in pairs)
@@ -506,6 +533,7 @@ def flash_attention(
                 *[jax.ShapeDtypeStruct((batch, nq) + c.shape, jnp.float32) for c in diff2d],
             ],
             interpret=interpret,
+            compiler_params=params,
             name="jpe_flash_dq",
         )(q_t, k_t, v_t, do_t, lse, delta, qp, qs, kp, ks, kval, live, k_lo, k_hi, *diff2d, *fixed)
         dq, dparams = dq_and_params[0], dq_and_params[1:]
@@ -543,6 +571,7 @@ def flash_attention(
                 jax.ShapeDtypeStruct(v_t.shape, v_t.dtype),
             ],
             interpret=interpret,
+            compiler_params=params,
             name="jpe_flash_dkv",
         )(q_t, k_t, v_t, do_t, lse, delta, qp, qs, kp, ks, kval, live, q_lo, q_hi, *diff2d, *fixed)
         return dq, dk, dv, dparams

@@ -11,7 +11,7 @@ import jpe
 from jpe.attention import attention, choose_implementation
 from jpe.nn.config import TransformerConfig
 from jpe.nn.registry import encoding_class
-from jpe.pallas_attention import _live_blocks
+from jpe.pallas_attention import _live_blocks, flash_attention
 
 # L is not a multiple of the block; H = 2 query heads share one key/value head (grouped-query).
 B, L, H, HKV, D, BLOCK = 1, 20, 2, 1, 8, 8
@@ -171,3 +171,36 @@ def test_transformer_passes_its_attention_choice():
     model = jpe.Transformer(config, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="cudnn.*needs a GPU"):
         model(jnp.zeros((1, 8), jnp.int32))
+
+
+@pytest.mark.parametrize("pe", ["none", "alibi", "kerple"])
+def test_lowers_to_triton_for_gpu(pe):
+    """Forward and backward lower for CUDA (Triton IR) on a machine without a GPU."""
+    config = TransformerConfig(pe=pe, d_model=64, num_heads=2)
+    graphdef, state = nnx.split(encoding_class(pe)(config, rngs=nnx.Rngs(0)))
+    length = 64
+    positions, zeros = jnp.arange(length)[None], jnp.zeros((1, length), jnp.int32)
+
+    def loss(q, k, v, state):
+        encoding = nnx.merge(graphdef, state)
+        out = flash_attention(
+            q,
+            k,
+            v,
+            bias_fn=encoding.bias if pe != "none" else None,
+            causal=True,
+            q_positions=positions,
+            k_positions=positions,
+            q_segment_ids=zeros,
+            k_segment_ids=zeros,
+            kv_valid=jnp.ones((1, length), bool),
+            block_size=32,
+            scale=32**-0.5,
+            platform="gpu",
+        )
+        return out.astype(jnp.float32).sum()
+
+    x = jax.ShapeDtypeStruct((1, length, 2, 32), jnp.bfloat16)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    text = grad.trace(x, x, x, state).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text
