@@ -11,6 +11,7 @@ NaN, and whatever a masked-out key or value holds (NaN included) never reaches a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import jax
@@ -19,7 +20,13 @@ import numpy as np
 
 from jpe.encodings import _checks
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "IMPLEMENTATIONS", "attention", "choose_implementation"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "IMPLEMENTATIONS",
+    "attention",
+    "choose_implementation",
+    "target_backend",
+]
 
 #: The values `implementation` accepts (besides None, which picks one for the backend).
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
@@ -28,6 +35,25 @@ DEFAULT_BLOCK_SIZE = 512
 _MASKED = -1e30  # finite, so a fully masked row stays NaN-free
 
 BiasFn = Callable[..., jnp.ndarray]
+
+_TARGET: list[str] = []
+
+
+@contextlib.contextmanager
+def target_backend(backend: str):
+    """Within it, attention is built for `backend` ("cpu", "gpu" or "tpu") rather than JAX's
+    default backend: for compiling ahead of time for another platform (`train/compile.py`)."""
+    if backend not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"backend must be one of 'cpu', 'gpu', 'tpu', got {backend!r}")
+    _TARGET.append(backend)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+def _backend() -> str:
+    return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
 def _blocks(x: jnp.ndarray, block: int, fill) -> jnp.ndarray:
@@ -211,8 +237,8 @@ def attention(
             kv_valid=kv_valid,
             block_size=block,
             scale=scale,
-            interpret=jax.default_backend() == "cpu",
-            platform=jax.default_backend(),
+            interpret=_backend() == "cpu",
+            platform=_backend(),
         )
     if implementation == "cudnn":
         plain = q_positions_given is None and k_positions_given is None
@@ -326,7 +352,8 @@ def choose_implementation(
     dtype=jnp.float32,
     backend: str | None = None,
 ) -> str:
-    """The attention implementation that serves these hooks on `backend` (default: JAX's).
+    """The attention implementation that serves these hooks on `backend` (default: JAX's, or
+    the one `target_backend` names).
 
     None picks: "pallas" on TPU and GPU when no hook but `bias_fn` is given ("cudnn" instead
     on GPU when there is no bias at all and `dtype` is bfloat16 or float16), "xla" otherwise
@@ -342,7 +369,7 @@ def choose_implementation(
             f"implementation must be None or one of {', '.join(IMPLEMENTATIONS)}, "
             f"got {implementation!r}"
         )
-    backend = jax.default_backend() if backend is None else backend
+    backend = _backend() if backend is None else backend
     xla_only = [
         name
         for name, fn in (
