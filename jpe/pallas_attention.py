@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.extend import core as jax_core
 
 __all__ = ["flash_attention"]
 
@@ -102,32 +103,58 @@ def _live_blocks(qp, qs, kp, ks, kvalid, q_len, k_len, bq, bk, causal):
     return live.astype(jnp.int32), k_lo, k_hi, q_lo, q_hi
 
 
-class _Bias:
-    """`bias_fn` traced once to a jaxpr; its closed-over arrays become kernel inputs."""
+def _eval_jaxpr(jaxpr, consts, *args):
+    """`jax.core.eval_jaxpr` without each equation's recorded context: the bias is traced
+    outside any `shard_map` and evaluated inside one (a recorded mesh would then clash)."""
+    env = {}
 
-    def __init__(self, bias_fn: Callable | None, bq: int, bk: int, num_heads: int):
-        self.present = bias_fn is not None
+    def read(v):
+        return v.val if isinstance(v, jax_core.Literal) else env[v]
+
+    for var, value in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = value
+    for var, value in zip(jaxpr.invars, args, strict=True):
+        env[var] = value
+    for eqn in jaxpr.eqns:
+        params = eqn.primitive.get_bind_params(eqn.params)
+        out = eqn.primitive.bind(*map(read, eqn.invars), **params)
+        outs = out if eqn.primitive.multiple_results else [out]
+        for var, value in zip(eqn.outvars, outs, strict=True):
+            env[var] = value
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _trace_bias(bias_fn: Callable, bq: int, bk: int, num_heads: int):
+    """`bias_fn` traced once at one row's block shapes: `(jaxpr, heads, consts)`, its
+    closed-over arrays (an encoding's parameters) hoisted out as `consts`."""
+    qp = jax.ShapeDtypeStruct((1, bq), jnp.int32)
+    kp = jax.ShapeDtypeStruct((1, bk), jnp.int32)
+    closed = jax.make_jaxpr(bias_fn)(qp, kp)
+    if len(closed.out_avals) != 1:
+        raise ValueError("bias_fn must return one array")
+    shape = tuple(closed.out_avals[0].shape)
+    ok = shape[-2:] == (bq, bk) and (
+        (len(shape) == 4 and shape[0] == 1 and shape[1] in (1, num_heads))
+        or (len(shape) == 3 and shape[0] in (1, num_heads))
+    )
+    if not ok:
+        raise ValueError(
+            f"bias_fn must return [1, H or 1, bq, bk] or [H or 1, bq, bk] "
+            f"(H={num_heads}, bq={bq}, bk={bk}) for one row's blocks, got {shape}"
+        )
+    return closed.jaxpr, shape[-3], [jnp.asarray(c) for c in closed.consts]
+
+
+class _Bias:
+    """A traced bias (`_trace_bias`) in a kernel: its arrays become kernel inputs, the
+    floating ones differentiated."""
+
+    def __init__(self, traced):
+        self.present = traced is not None
         self.diff, self.fixed, self.diff_index = [], [], []
         if not self.present:
             return
-        qp = jax.ShapeDtypeStruct((1, bq), jnp.int32)
-        kp = jax.ShapeDtypeStruct((1, bk), jnp.int32)
-        closed = jax.make_jaxpr(bias_fn)(qp, kp)
-        if len(closed.out_avals) != 1:
-            raise ValueError("bias_fn must return one array")
-        shape = tuple(closed.out_avals[0].shape)
-        ok = shape[-2:] == (bq, bk) and (
-            (len(shape) == 4 and shape[0] == 1 and shape[1] in (1, num_heads))
-            or (len(shape) == 3 and shape[0] in (1, num_heads))
-        )
-        if not ok:
-            raise ValueError(
-                f"bias_fn must return [1, H or 1, bq, bk] or [H or 1, bq, bk] "
-                f"(H={num_heads}, bq={bq}, bk={bk}) for one row's blocks, got {shape}"
-            )
-        self.heads = shape[-3]
-        self.jaxpr = closed.jaxpr
-        consts = [jnp.asarray(c) for c in closed.consts]
+        self.jaxpr, self.heads, consts = traced
         self.shapes = [c.shape for c in consts]
         for i, c in enumerate(consts):
             if jnp.issubdtype(c.dtype, jnp.inexact):
@@ -141,9 +168,60 @@ class _Bias:
         consts, d, f = [], iter(diff), iter(fixed)
         for i in range(len(self.shapes)):
             consts.append(next(d) if i in self.diff_index else next(f))
-        (out,) = jax.core.eval_jaxpr(self.jaxpr, consts, qp[None], kp[None])
+        (out,) = _eval_jaxpr(self.jaxpr, consts, qp[None], kp[None])
         out = out.astype(jnp.float32)
         return out.reshape(out.shape[1:]) if out.ndim == 4 else out
+
+
+def _pallas_call(kernel, *, grid, in_specs, out_specs, out_shape, n_replicated, **kwargs):
+    """`pl.pallas_call` whose inputs and outputs lead with the batch (except the last
+    `n_replicated` inputs); under a mesh with a "data" axis that divides the batch, it runs per
+    shard in `jax.shard_map`, with the grid, the outputs and whole-array blocks cut to the
+    shard's rows."""
+
+    def call(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        batch = grid[0]
+        shards = 1 if mesh.empty else dict(mesh.shape).get("data", 1)
+        if shards == 1 or batch % shards:
+            return pl.pallas_call(
+                kernel,
+                grid=grid,
+                in_specs=in_specs,
+                out_specs=out_specs,
+                out_shape=out_shape,
+                **kwargs,
+            )(*args)
+        local = batch // shards
+
+        def cut_spec(spec):
+            shape = spec.block_shape
+            if shape is None or shape[0] != batch:
+                return spec
+            return pl.BlockSpec((local,) + tuple(shape[1:]), spec.index_map)
+
+        def cut_shape(x):
+            return jax.ShapeDtypeStruct((local,) + tuple(x.shape[1:]), x.dtype)
+
+        run = pl.pallas_call(
+            kernel,
+            grid=(local,) + tuple(grid[1:]),
+            in_specs=[cut_spec(s) for s in in_specs],
+            out_specs=[cut_spec(s) for s in out_specs],
+            out_shape=[cut_shape(x) for x in out_shape],
+            **kwargs,
+        )
+        split = len(args) - n_replicated
+        data, replicated = jax.sharding.PartitionSpec("data"), jax.sharding.PartitionSpec()
+        return jax.shard_map(
+            lambda b, r: run(*b, *r),
+            mesh=mesh,
+            in_specs=(data, replicated),
+            out_specs=data,
+            check_vma=False,
+        )(list(args[:split]), list(args[split:]))
+
+    return call
 
 
 def _triton_params():
@@ -207,7 +285,52 @@ def flash_attention(
         leaves Pallas's default (Mosaic on TPU). Default: JAX's default backend.
     Returns:
       `[B, Lq, H, D]` in q.dtype; differentiable in q, k, v and the bias's closed-over arrays.
+
+    Under a mesh (`jax.set_mesh`) with a "data" axis that divides B, each kernel runs on its
+    shard of the batch inside `jax.shard_map` (a Pallas call is not partitioned
+    automatically); the heads are not split, and the bias's arrays are replicated.
     """
+    kwargs = dict(
+        causal=causal, block_size=block_size, scale=scale, interpret=interpret, platform=platform
+    )
+    q_len, num_heads = q.shape[1], q.shape[2]
+    k_len = k.shape[1]
+    traced = None
+    if bias_fn is not None:
+        bq, bk = min(block_size, q_len), min(block_size, k_len)
+        traced = _trace_bias(bias_fn, bq, bk, num_heads)
+    return _flash_local(
+        q,
+        k,
+        v,
+        traced=traced,
+        q_positions=q_positions,
+        k_positions=k_positions,
+        q_segment_ids=q_segment_ids,
+        k_segment_ids=k_segment_ids,
+        kv_valid=kv_valid,
+        **kwargs,
+    )
+
+
+def _flash_local(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    traced,
+    causal: bool,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    q_segment_ids: jax.Array,
+    k_segment_ids: jax.Array,
+    kv_valid: jax.Array,
+    block_size: int,
+    scale: float,
+    interpret: bool = False,
+    platform: str | None = None,
+) -> jax.Array:
+    """`flash_attention` on one device's arrays."""
     batch, q_len, num_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     groups = num_heads // kv_heads
@@ -227,7 +350,7 @@ def flash_attention(
     )
     # Positions as [B, 1, L]: a block (1, 1, b) keeps its last two dimensions tileable.
     qp, qs, kp, ks, kval = (x[:, None, :] for x in (qp, qs, kp, ks, kval))
-    bias = _Bias(bias_fn, bq, bk, num_heads)
+    bias = _Bias(traced)
     fixed = [_as_2d(c) for c in bias.fixed]
     diff_shapes = [c.shape for c in bias.diff]
     fixed_shapes = [c.shape for c in bias.fixed]
@@ -242,6 +365,13 @@ def flash_attention(
     # On GPU, Triton: its pointer-based blocks let one program read any key block of a row
     # (the loop bounds are data), while Mosaic GPU stages each whole block in shared memory.
     params = _triton_params() if platform == "gpu" and not interpret else None
+
+    def table_spec(shape):  # the block tables, read one scalar at a time: SMEM on TPU
+        if platform == "tpu" and not interpret:
+            from jax.experimental.pallas import tpu as pltpu
+
+            return pl.BlockSpec(memory_space=pltpu.SMEM)
+        return _full_spec(shape)
 
     def mask_of(qp_b, qs_b, kp_b, ks_b, kval_b):
         mask = (qs_b[:, None] == ks_b[None, :]) & kval_b[None, :]
@@ -341,13 +471,13 @@ def flash_attention(
             block_specs["k_all"],
             block_specs["k_all"],
             block_specs["k_all"],
-            _full_spec(live.shape),
-            _full_spec(k_lo.shape),
-            _full_spec(k_hi.shape),
+            table_spec(live.shape),
+            table_spec(k_lo.shape),
+            table_spec(k_hi.shape),
             *[_full_spec(c.shape) for c in diff2d],
             *[_full_spec(c.shape) for c in fixed],
         ]
-        return pl.pallas_call(
+        return _pallas_call(
             fwd_kernel,
             grid=(batch, nq),
             in_specs=in_specs,
@@ -362,6 +492,7 @@ def flash_attention(
             interpret=interpret,
             compiler_params=params,
             name="jpe_flash_fwd",
+            n_replicated=len(diff2d) + len(fixed),
         )(q_t, k_t, v_t, qp, qs, kp, ks, kval, live, k_lo, k_hi, *diff2d, *fixed)
 
     # ---------------------------------------------------------------------------- backward
@@ -504,7 +635,7 @@ def flash_attention(
         q_block = pl.BlockSpec((1, num_heads, bq, head_dim), lambda b, i: (b, 0, i, 0))
         q_rows3 = pl.BlockSpec((1, num_heads, bq), lambda b, i: (b, 0, i))
         kv_full = pl.BlockSpec((1, kv_heads, lk, head_dim), lambda b, i: (b, 0, 0, 0))
-        dq_and_params = pl.pallas_call(
+        dq_and_params = _pallas_call(
             dq_kernel,
             grid=(batch, nq),
             in_specs=[
@@ -519,9 +650,9 @@ def flash_attention(
                 block_specs["k_all"],
                 block_specs["k_all"],
                 block_specs["k_all"],
-                _full_spec(live.shape),
-                _full_spec(k_lo.shape),
-                _full_spec(k_hi.shape),
+                table_spec(live.shape),
+                table_spec(k_lo.shape),
+                table_spec(k_hi.shape),
                 *consts_specs,
             ],
             out_specs=[
@@ -535,6 +666,7 @@ def flash_attention(
             interpret=interpret,
             compiler_params=params,
             name="jpe_flash_dq",
+            n_replicated=len(diff2d) + len(fixed),
         )(q_t, k_t, v_t, do_t, lse, delta, qp, qs, kp, ks, kval, live, k_lo, k_hi, *diff2d, *fixed)
         dq, dparams = dq_and_params[0], dq_and_params[1:]
         dparams = [
@@ -545,7 +677,7 @@ def flash_attention(
         q_full = pl.BlockSpec((1, num_heads, lq, head_dim), lambda b, j: (b, 0, 0, 0))
         q_rows_full = pl.BlockSpec((1, num_heads, lq), lambda b, j: (b, 0, 0))
         kv_block_spec = pl.BlockSpec((1, kv_heads, bk, head_dim), lambda b, j: (b, 0, j, 0))
-        dk, dv = pl.pallas_call(
+        dk, dv = _pallas_call(
             dkv_kernel,
             grid=(batch, nk),
             in_specs=[
@@ -560,9 +692,9 @@ def flash_attention(
                 block_specs["k_rows"],
                 block_specs["k_rows"],
                 block_specs["k_rows"],
-                _full_spec(live.shape),
-                _full_spec(q_lo.shape),
-                _full_spec(q_hi.shape),
+                table_spec(live.shape),
+                table_spec(q_lo.shape),
+                table_spec(q_hi.shape),
                 *consts_specs,
             ],
             out_specs=[kv_block_spec, kv_block_spec],
@@ -573,6 +705,7 @@ def flash_attention(
             interpret=interpret,
             compiler_params=params,
             name="jpe_flash_dkv",
+            n_replicated=len(diff2d) + len(fixed),
         )(q_t, k_t, v_t, do_t, lse, delta, qp, qs, kp, ks, kval, live, q_lo, q_hi, *diff2d, *fixed)
         return dq, dk, dv, dparams
 

@@ -109,7 +109,7 @@ def compile_step(cfg, topology: str):
         out_shardings=(p_shardings, o_shardings, replicated),
         donate_argnums=(0, 1),
     )
-    with target_backend("tpu"):
+    with jax.set_mesh(mesh), target_backend("tpu"):
         lowered = jitted.lower(abstract_params, abstract_opt, batch, step)
     return lowered.compile(), mesh
 
