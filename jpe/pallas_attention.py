@@ -49,6 +49,7 @@ from jax.extend import core as jax_core
 __all__ = ["flash_attention"]
 
 _MASKED = -1e30
+_TPU_VMEM_LIMIT = 100 * 2**20  # of v5e's and v6e's 128 MiB per core
 _BIG = np.iinfo(np.int32).max
 _SMALL = np.iinfo(np.int32).min
 
@@ -164,11 +165,12 @@ class _Bias:
                 self.fixed.append(c)
 
     def __call__(self, diff, fixed, qp, kp):
-        """Evaluates the bias in a kernel: `[bq]`, `[bk]` int32 -> float32 `[H or 1, bq, bk]`."""
+        """Evaluates the bias in a kernel: `[1, bq]`, `[1, bk]` int32 -> float32
+        `[H or 1, bq, bk]`."""
         consts, d, f = [], iter(diff), iter(fixed)
         for i in range(len(self.shapes)):
             consts.append(next(d) if i in self.diff_index else next(f))
-        (out,) = _eval_jaxpr(self.jaxpr, consts, qp[None], kp[None])
+        (out,) = _eval_jaxpr(self.jaxpr, consts, qp, kp)
         out = out.astype(jnp.float32)
         return out.reshape(out.shape[1:]) if out.ndim == 4 else out
 
@@ -348,8 +350,16 @@ def _flash_local(
     live, k_lo, k_hi, q_lo, q_hi = _live_blocks(
         qp, qs, kp, ks, kval != 0, q_len, k_len, bq, bk, causal
     )
-    # Positions as [B, 1, L]: a block (1, 1, b) keeps its last two dimensions tileable.
-    qp, qs, kp, ks, kval = (x[:, None, :] for x in (qp, qs, kp, ks, kval))
+    # Invalid and padding keys are zeroed here, so whatever they hold never reaches a row.
+    kv_keep = (kval != 0)[:, :, None, None]
+    k = jnp.where(kv_keep[:, :k_len], k, jnp.zeros_like(k))
+    v = jnp.where(kv_keep[:, :k_len], v, jnp.zeros_like(v))
+    # Key positions and the query positions the bias reads as rows [B, 1, L]; the query
+    # positions and segments the masks read as columns [B, L, 1]: every mask is then a
+    # broadcast of a column against a row, with no reshape inside the kernel.
+    qpc, qs = qp[:, :, None], qs[:, :, None]
+    qp, kp, ks, kval = (x[:, None, :] for x in (qp, kp, ks, kval))
+    rows_in = (qp, qpc, qs, kp, ks, kval)
     bias = _Bias(traced)
     fixed = [_as_2d(c) for c in bias.fixed]
     diff_shapes = [c.shape for c in bias.diff]
@@ -364,7 +374,14 @@ def _flash_local(
     platform = jax.default_backend() if platform is None else platform
     # On GPU, Triton: its pointer-based blocks let one program read any key block of a row
     # (the loop bounds are data), while Mosaic GPU stages each whole block in shared memory.
-    params = _triton_params() if platform == "gpu" and not interpret else None
+    params = None
+    if platform == "gpu" and not interpret:
+        params = _triton_params()
+    elif platform == "tpu" and not interpret:
+        from jax.experimental.pallas import tpu as pltpu
+
+        # A program holds its row's whole keys and values: allow most of a core's VMEM.
+        params = pltpu.CompilerParams(vmem_limit_bytes=_TPU_VMEM_LIMIT)
 
     def table_spec(shape):  # the block tables, read one scalar at a time: SMEM on TPU
         if platform == "tpu" and not interpret:
@@ -373,10 +390,10 @@ def _flash_local(
             return pl.BlockSpec(memory_space=pltpu.SMEM)
         return _full_spec(shape)
 
-    def mask_of(qp_b, qs_b, kp_b, ks_b, kval_b):
-        mask = (qs_b[:, None] == ks_b[None, :]) & kval_b[None, :]
+    def mask_of(qp_col, qs_col, kp_row, ks_row, kval_row):  # [bq, 1] x 2, [1, bk] x 3
+        mask = (qs_col == ks_row) & kval_row
         if causal:
-            mask = mask & (kp_b[None, :] <= qp_b[:, None])
+            mask = mask & (kp_row <= qp_col)
         return mask
 
     def evaluate(diff, fixed_consts, qp_b, kp_b):
@@ -392,12 +409,13 @@ def _flash_local(
             return jnp.where(heads == h, b, 0.0).sum(0)
         return b[h]
 
-    def kv_block(ref, g, start, kval_b):
-        x = ref[0, g, pl.ds(start, bk), :]
-        return jnp.where(kval_b[:, None], x, jnp.zeros_like(x))
+    def kv_block(ref, g, start):
+        return ref[0, g, pl.ds(start, bk), :]
 
     block_specs = dict(
         q_rows=pl.BlockSpec((1, 1, bq), lambda b, i: (b, 0, i)),
+        q_cols=pl.BlockSpec((1, bq, 1), lambda b, i: (b, i, 0)),
+        q_cols_all=pl.BlockSpec((1, lq, 1), lambda b, j: (b, 0, 0)),
         k_all=pl.BlockSpec((1, 1, lk), lambda b, i: (b, 0, 0)),
         q_all=pl.BlockSpec((1, 1, lq), lambda b, j: (b, 0, 0)),
         k_rows=pl.BlockSpec((1, 1, bk), lambda b, j: (b, 0, j)),
@@ -406,26 +424,26 @@ def _flash_local(
     # ----------------------------------------------------------------------------- forward
 
     def fwd_kernel(*refs):
-        q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, kval_ref = refs[:8]
-        live_ref, lo_ref, hi_ref = refs[8:11]
-        diff_refs = refs[11 : 11 + n_diff]
-        fixed_refs = refs[11 + n_diff : 11 + n_diff + n_fixed]
-        o_ref, lse_ref = refs[11 + n_diff + n_fixed :]
+        q_ref, k_ref, v_ref, qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = refs[:9]
+        live_ref, lo_ref, hi_ref = refs[9:12]
+        diff_refs = refs[12 : 12 + n_diff]
+        fixed_refs = refs[12 + n_diff : 12 + n_diff + n_fixed]
+        o_ref, lse_ref = refs[12 + n_diff + n_fixed :]
         b, i = pl.program_id(0), pl.program_id(1)
         diff = _read_consts(diff_refs, diff_shapes)
         fixed_consts = _read_consts(fixed_refs, fixed_shapes)
-        qp_b, qs_b = qp_ref[0, 0, :], qs_ref[0, 0, :]
+        qp_b, qpc_b, qs_b = qp_ref[0], qpc_ref[0], qs_ref[0]
         qh = [q_ref[0, h] for h in range(num_heads)]
 
         def visit(j, carry):
             start = j * bk
-            kp_b, ks_b = kp_ref[0, 0, pl.ds(start, bk)], ks_ref[0, 0, pl.ds(start, bk)]
-            kval_b = kval_ref[0, 0, pl.ds(start, bk)] != 0
-            mask = mask_of(qp_b, qs_b, kp_b, ks_b, kval_b)
+            kp_b, ks_b = kp_ref[0, :, pl.ds(start, bk)], ks_ref[0, :, pl.ds(start, bk)]
+            kval_b = kval_ref[0, :, pl.ds(start, bk)] != 0
+            mask = mask_of(qpc_b, qs_b, kp_b, ks_b, kval_b)
             bias_b = evaluate(diff, fixed_consts, qp_b, kp_b)
             out = []
             for g in range(kv_heads):
-                kb, vb = kv_block(k_ref, g, start, kval_b), kv_block(v_ref, g, start, kval_b)
+                kb, vb = kv_block(k_ref, g, start), kv_block(v_ref, g, start)
                 for h in range(g * groups, (g + 1) * groups):
                     m, denom, acc = carry[h]
                     s = _logits(qh[h], kb, scale)
@@ -467,7 +485,8 @@ def _flash_local(
             pl.BlockSpec((1, kv_heads, lk, head_dim), lambda b, i: (b, 0, 0, 0)),
             pl.BlockSpec((1, kv_heads, lk, head_dim), lambda b, i: (b, 0, 0, 0)),
             block_specs["q_rows"],
-            block_specs["q_rows"],
+            block_specs["q_cols"],
+            block_specs["q_cols"],
             block_specs["k_all"],
             block_specs["k_all"],
             block_specs["k_all"],
@@ -493,20 +512,21 @@ def _flash_local(
             compiler_params=params,
             name="jpe_flash_fwd",
             n_replicated=len(diff2d) + len(fixed),
-        )(q_t, k_t, v_t, qp, qs, kp, ks, kval, live, k_lo, k_hi, *diff2d, *fixed)
+        )(q_t, k_t, v_t, qp, qpc, qs, kp, ks, kval, live, k_lo, k_hi, *diff2d, *fixed)
 
     # ---------------------------------------------------------------------------- backward
 
     def dq_kernel(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-        qp_ref, qs_ref, kp_ref, ks_ref, kval_ref, live_ref, lo_ref, hi_ref = refs[6:14]
-        diff_refs = refs[14 : 14 + n_diff]
-        fixed_refs = refs[14 + n_diff : 14 + n_diff + n_fixed]
-        dq_ref, *dparam_refs = refs[14 + n_diff + n_fixed :]
+        qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = refs[6:12]
+        live_ref, lo_ref, hi_ref = refs[12:15]
+        diff_refs = refs[15 : 15 + n_diff]
+        fixed_refs = refs[15 + n_diff : 15 + n_diff + n_fixed]
+        dq_ref, *dparam_refs = refs[15 + n_diff + n_fixed :]
         b, i = pl.program_id(0), pl.program_id(1)
         diff = _read_consts(diff_refs, diff_shapes)
         fixed_consts = _read_consts(fixed_refs, fixed_shapes)
-        qp_b, qs_b = qp_ref[0, 0, :], qs_ref[0, 0, :]
+        qp_b, qpc_b, qs_b = qp_ref[0], qpc_ref[0], qs_ref[0]
         qh = [q_ref[0, h] for h in range(num_heads)]
         doh = [do_ref[0, h] for h in range(num_heads)]
         lse = [lse_ref[0, h] for h in range(num_heads)]
@@ -515,9 +535,9 @@ def _flash_local(
         def visit(j, carry):
             dq, dparams = carry
             start = j * bk
-            kp_b, ks_b = kp_ref[0, 0, pl.ds(start, bk)], ks_ref[0, 0, pl.ds(start, bk)]
-            kval_b = kval_ref[0, 0, pl.ds(start, bk)] != 0
-            mask = mask_of(qp_b, qs_b, kp_b, ks_b, kval_b)
+            kp_b, ks_b = kp_ref[0, :, pl.ds(start, bk)], ks_ref[0, :, pl.ds(start, bk)]
+            kval_b = kval_ref[0, :, pl.ds(start, bk)] != 0
+            mask = mask_of(qpc_b, qs_b, kp_b, ks_b, kval_b)
             if bias.present:
                 bias_b, bias_vjp = jax.vjp(
                     lambda d: evaluate(d, fixed_consts, qp_b, kp_b), list(diff)
@@ -526,7 +546,7 @@ def _flash_local(
                 bias_b = None
             new_dq, ds_all = [], []
             for g in range(kv_heads):
-                kb, vb = kv_block(k_ref, g, start, kval_b), kv_block(v_ref, g, start, kval_b)
+                kb, vb = kv_block(k_ref, g, start), kv_block(v_ref, g, start)
                 for h in range(g * groups, (g + 1) * groups):
                     s = _logits(qh[h], kb, scale)
                     hb = head_bias(bias_b, h)
@@ -572,23 +592,25 @@ def _flash_local(
 
     def dkv_kernel(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-        qp_ref, qs_ref, kp_ref, ks_ref, kval_ref, live_ref, lo_ref, hi_ref = refs[6:14]
-        diff_refs = refs[14 : 14 + n_diff]
-        fixed_refs = refs[14 + n_diff : 14 + n_diff + n_fixed]
-        dk_ref, dv_ref = refs[14 + n_diff + n_fixed :]
+        qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = refs[6:12]
+        live_ref, lo_ref, hi_ref = refs[12:15]
+        diff_refs = refs[15 : 15 + n_diff]
+        fixed_refs = refs[15 + n_diff : 15 + n_diff + n_fixed]
+        dk_ref, dv_ref = refs[15 + n_diff + n_fixed :]
         b, j = pl.program_id(0), pl.program_id(1)
         diff = _read_consts(diff_refs, diff_shapes)
         fixed_consts = _read_consts(fixed_refs, fixed_shapes)
-        kp_b, ks_b = kp_ref[0, 0, :], ks_ref[0, 0, :]
-        kval_b = kval_ref[0, 0, :] != 0
-        kh = [kv_block(k_ref, g, 0, kval_b) for g in range(kv_heads)]
-        vh = [kv_block(v_ref, g, 0, kval_b) for g in range(kv_heads)]
+        kp_b, ks_b = kp_ref[0], ks_ref[0]
+        kval_b = kval_ref[0] != 0
+        kh = [kv_block(k_ref, g, 0) for g in range(kv_heads)]
+        vh = [kv_block(v_ref, g, 0) for g in range(kv_heads)]
 
         def visit(i, carry):
             dk, dv = carry
             start = i * bq
-            qp_b, qs_b = qp_ref[0, 0, pl.ds(start, bq)], qs_ref[0, 0, pl.ds(start, bq)]
-            mask = mask_of(qp_b, qs_b, kp_b, ks_b, kval_b)
+            qp_b = qp_ref[0, :, pl.ds(start, bq)]
+            qpc_b, qs_b = qpc_ref[0, pl.ds(start, bq), :], qs_ref[0, pl.ds(start, bq), :]
+            mask = mask_of(qpc_b, qs_b, kp_b, ks_b, kval_b)
             bias_b = evaluate(diff, fixed_consts, qp_b, kp_b)
             new_dk, new_dv = list(dk), list(dv)
             for h in range(num_heads):
@@ -646,7 +668,8 @@ def _flash_local(
                 q_rows3,
                 q_rows3,
                 block_specs["q_rows"],
-                block_specs["q_rows"],
+                block_specs["q_cols"],
+                block_specs["q_cols"],
                 block_specs["k_all"],
                 block_specs["k_all"],
                 block_specs["k_all"],
@@ -667,7 +690,7 @@ def _flash_local(
             compiler_params=params,
             name="jpe_flash_dq",
             n_replicated=len(diff2d) + len(fixed),
-        )(q_t, k_t, v_t, do_t, lse, delta, qp, qs, kp, ks, kval, live, k_lo, k_hi, *diff2d, *fixed)
+        )(q_t, k_t, v_t, do_t, lse, delta, *rows_in, live, k_lo, k_hi, *diff2d, *fixed)
         dq, dparams = dq_and_params[0], dq_and_params[1:]
         dparams = [
             p.sum((0, 1)).reshape(c.shape).astype(c.dtype)
@@ -688,7 +711,8 @@ def _flash_local(
                 q_rows_full,
                 q_rows_full,
                 block_specs["q_all"],
-                block_specs["q_all"],
+                block_specs["q_cols_all"],
+                block_specs["q_cols_all"],
                 block_specs["k_rows"],
                 block_specs["k_rows"],
                 block_specs["k_rows"],
@@ -706,7 +730,7 @@ def _flash_local(
             compiler_params=params,
             name="jpe_flash_dkv",
             n_replicated=len(diff2d) + len(fixed),
-        )(q_t, k_t, v_t, do_t, lse, delta, qp, qs, kp, ks, kval, live, q_lo, q_hi, *diff2d, *fixed)
+        )(q_t, k_t, v_t, do_t, lse, delta, *rows_in, live, q_lo, q_hi, *diff2d, *fixed)
         return dq, dk, dv, dparams
 
     @jax.custom_vjp

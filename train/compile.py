@@ -157,7 +157,11 @@ def main(argv=None) -> int:
     except Exception as e:  # the compiler's own errors, out-of-memory among them
         text = str(e)
         if "RESOURCE_EXHAUSTED" in text or "memory" in text.lower():
-            print(f"error: the step does not fit in HBM: {text[:2000]}", file=sys.stderr)
+            print(
+                f"error: the step does not fit in memory (HBM, or VMEM for a kernel): "
+                f"{text[:2000]}",
+                file=sys.stderr,
+            )
             return 4
         raise
     mem = compiled.memory_analysis()
@@ -175,7 +179,8 @@ def main(argv=None) -> int:
     print(f"  {'total':>15}: {_gib(used)}")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    for key in ("flops", "bytes accessed", "optimal_seconds"):
+    print("compiler's cost estimate per device:")
+    for key in ("flops", "bytes accessed"):
         if cost and key in cost:
             print(f"  {key:>15}: {cost[key]:.4g}")
     generation = args.topology.split(":")[0]
