@@ -104,9 +104,15 @@ def _live_blocks(qp, qs, kp, ks, kvalid, q_len, k_len, bq, bk, causal):
     return live.astype(jnp.int32), k_lo, k_hi, q_lo, q_hi
 
 
+_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr"}
+_CUSTOM = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
+
+
 def _eval_jaxpr(jaxpr, consts, *args):
-    """`jax.core.eval_jaxpr` without each equation's recorded context: the bias is traced
-    outside any `shard_map` and evaluated inside one (a recorded mesh would then clash)."""
+    """`jax.core.eval_jaxpr` for a bias traced outside any `shard_map` and evaluated inside
+    one: nested calls are inlined, and each equation's recorded context and sharding (the
+    outer mesh, which would clash with the shard's) are dropped. Custom derivative rules are
+    inlined too: the bias is differentiated through its primal definition."""
     env = {}
 
     def read(v):
@@ -117,9 +123,18 @@ def _eval_jaxpr(jaxpr, consts, *args):
     for var, value in zip(jaxpr.invars, args, strict=True):
         env[var] = value
     for eqn in jaxpr.eqns:
-        params = eqn.primitive.get_bind_params(eqn.params)
-        out = eqn.primitive.bind(*map(read, eqn.invars), **params)
-        outs = out if eqn.primitive.multiple_results else [out]
+        name, params = eqn.primitive.name, dict(eqn.params)
+        inputs = [read(v) for v in eqn.invars]
+        inner = params.get(_CALLS.get(name) or _CUSTOM.get(name) or "", None)
+        if inner is not None:
+            inner_jaxpr = getattr(inner, "jaxpr", inner)
+            outs = _eval_jaxpr(inner_jaxpr, getattr(inner, "consts", []), *inputs)
+        else:
+            if params.get("sharding") is not None:
+                params["sharding"] = None
+            params = eqn.primitive.get_bind_params(params)
+            out = eqn.primitive.bind(*inputs, **params)
+            outs = out if eqn.primitive.multiple_results else [out]
         for var, value in zip(eqn.outvars, outs, strict=True):
             env[var] = value
     return [read(v) for v in jaxpr.outvars]
