@@ -8,7 +8,9 @@ in HBM, in the forward pass or the backward pass, and the bias's own parameters 
 
 Design:
   * forward: grid `(B, Lq / bq)`; one program holds a query block of every head and loops over
-    key blocks. Each block pair evaluates `bias_fn` once, `[H or 1, bq, bk]`, for all heads,
+    key blocks, reading them from its row's whole keys and values (so on TPU a row's K and V
+    must fit in VMEM: 8192 keys of 4 heads of 32 compile for v5e within a 100 MiB limit).
+    Each block pair evaluates `bias_fn` once, `[H or 1, bq, bk]`, for all heads,
     then does one `[bq, D] x [D, bk]` product per head (query head h reads key/value head
     h // (H // Hkv): grouped-query attention). It writes the output and the log-sum-exp.
   * block skipping: a `[B, nq, nk]` table of live block pairs is computed from per-block
