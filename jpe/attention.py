@@ -11,6 +11,7 @@ NaN, and whatever a masked-out key or value holds (NaN included) never reaches a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import jax
@@ -19,12 +20,40 @@ import numpy as np
 
 from jpe.encodings import _checks
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "attention"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "IMPLEMENTATIONS",
+    "attention",
+    "choose_implementation",
+    "target_backend",
+]
+
+#: The values `implementation` accepts (besides None, which picks one for the backend).
+IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
 
 DEFAULT_BLOCK_SIZE = 512
 _MASKED = -1e30  # finite, so a fully masked row stays NaN-free
 
 BiasFn = Callable[..., jnp.ndarray]
+
+_TARGET: list[str] = []
+
+
+@contextlib.contextmanager
+def target_backend(backend: str):
+    """Within it, attention is built for `backend` ("cpu", "gpu" or "tpu") rather than JAX's
+    default backend: for compiling ahead of time for another platform (`train/compile.py`)."""
+    if backend not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"backend must be one of 'cpu', 'gpu', 'tpu', got {backend!r}")
+    _TARGET.append(backend)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+def _backend() -> str:
+    return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
 def _blocks(x: jnp.ndarray, block: int, fill) -> jnp.ndarray:
@@ -80,6 +109,7 @@ def attention(
     kv_mask=None,
     block_size: int | None = None,
     scale: float | None = None,
+    implementation: str | None = None,
 ) -> jnp.ndarray:
     """Softmax attention computed over key blocks with an online softmax.
 
@@ -114,6 +144,13 @@ def attention(
       kv_mask: `[B, Lk]` bool, False for keys that must not be attended to (empty cache slots).
       block_size: block length for queries and keys (default 512); L need not divide by it.
       scale: logit scale, default `1 / sqrt(D)`; biases are added unscaled.
+      implementation: "xla" (this blocked path), "pallas" (`jpe.pallas_attention`: the fused
+        kernel that evaluates `bias_fn` inside it; `bias_fn` only; interpret mode on CPU),
+        "cudnn" (`jax.nn.dot_product_attention(implementation="cudnn")`: GPU only, no bias
+        hooks; masks other than plain causal order are passed to it as a dense
+        `[B, 1, Lq, Lk]` boolean mask), or None: the Pallas kernel on TPU and GPU when only
+        `bias_fn` is given, cuDNN on GPU for bf16/fp16 without any bias, this XLA path
+        otherwise and always on CPU (`choose_implementation`).
     Returns:
       `[B, Lq, H, D]` in `q.dtype`. A query row is NaN only if a key it attends to (allowed by
       every mask) has a non-finite key or value, or its own logits are; keys it does not attend
@@ -121,8 +158,9 @@ def attention(
 
     Raises:
       ValueError: shapes that do not match, `H` not a multiple of `Hkv`, a bad `block_size`,
-        positions or segment ids that are not integers, or `segment_ids` given as one array
-        while Lq != Lk.
+        positions or segment ids that are not integers, `segment_ids` given as one array
+        while Lq != Lk, or an `implementation` that is unknown or cannot serve these
+        arguments on this backend (never a silent fallback).
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -145,6 +183,7 @@ def attention(
         "block_size", DEFAULT_BLOCK_SIZE if block_size is None else block_size
     )
     scale = float(1.0 / np.sqrt(head_dim)) if scale is None else float(scale)
+    q_positions_given, k_positions_given = q_positions, k_positions
 
     q_positions = _batched(
         "q_positions", q_positions, batch, q_len, jnp.arange(q_len) + (k_len - q_len), share=True
@@ -173,6 +212,40 @@ def attention(
         if kv_mask is None
         else _batched("kv_mask", kv_mask, batch, k_len, None, kind="mask").astype(bool)
     )
+
+    implementation = choose_implementation(
+        implementation,
+        bias_fn=bias_fn,
+        query_bias_fn=query_bias_fn,
+        value_fn=value_fn,
+        contextual_bias_fn=contextual_bias_fn,
+        dtype=q.dtype,
+    )
+    if implementation == "pallas":
+        from jpe import pallas_attention
+
+        return pallas_attention.flash_attention(
+            q,
+            k,
+            v,
+            bias_fn=bias_fn,
+            causal=causal,
+            q_positions=q_positions,
+            k_positions=k_positions,
+            q_segment_ids=q_seg,
+            k_segment_ids=k_seg,
+            kv_valid=kv_valid,
+            block_size=block,
+            scale=scale,
+            interpret=_backend() == "cpu",
+            platform=_backend(),
+        )
+    if implementation == "cudnn":
+        plain = q_positions_given is None and k_positions_given is None
+        plain = plain and segment_ids is None and kv_mask is None
+        return _cudnn(
+            q, k, v, causal, plain, q_positions, k_positions, q_seg, k_seg, kv_valid, scale
+        )
 
     bq, bk = min(block, q_len), min(block, k_len)
     if contextual_bias_fn is not None and bk < k_len:
@@ -267,3 +340,89 @@ def attention(
     # [nq, B, bq, H, D] -> [B, Lq, H, D]
     out = jnp.moveaxis(out, 0, 1).reshape(batch, -1, num_heads, head_dim)[:, :q_len]
     return out.astype(q.dtype)
+
+
+def choose_implementation(
+    implementation: str | None,
+    *,
+    bias_fn=None,
+    query_bias_fn=None,
+    value_fn=None,
+    contextual_bias_fn=None,
+    dtype=jnp.float32,
+    backend: str | None = None,
+) -> str:
+    """The attention implementation that serves these hooks on `backend` (default: JAX's, or
+    the one `target_backend` names).
+
+    None picks: "pallas" on TPU and GPU when no hook but `bias_fn` is given ("cudnn" instead
+    on GPU when there is no bias at all and `dtype` is bfloat16 or float16), "xla" otherwise
+    and on CPU. An explicit choice that cannot be served raises.
+
+    Raises:
+      ValueError: `implementation` not None or one of `IMPLEMENTATIONS`; "pallas" with
+        `query_bias_fn`, `value_fn` or `contextual_bias_fn` (they need the query vectors or
+        whole rows: only "xla" serves them); "cudnn" off a GPU or with any bias hook.
+    """
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be None or one of {', '.join(IMPLEMENTATIONS)}, "
+            f"got {implementation!r}"
+        )
+    backend = _backend() if backend is None else backend
+    xla_only = [
+        name
+        for name, fn in (
+            ("query_bias_fn", query_bias_fn),
+            ("value_fn", value_fn),
+            ("contextual_bias_fn", contextual_bias_fn),
+        )
+        if fn is not None
+    ]
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if implementation is None:
+        if backend not in ("gpu", "tpu") or xla_only:
+            return "xla"
+        if backend == "gpu" and bias_fn is None and half:
+            return "cudnn"
+        return "pallas"
+    if implementation == "pallas" and xla_only:
+        raise ValueError(
+            f"implementation='pallas' serves bias_fn alone; {', '.join(xla_only)} "
+            f"need implementation='xla' (supported here: xla)"
+        )
+    if implementation == "cudnn":
+        if backend != "gpu":
+            raise ValueError(
+                f"implementation='cudnn' needs a GPU (the backend is {backend!r}); "
+                f"use 'xla' or 'pallas'"
+            )
+        hooks = xla_only + (["bias_fn"] if bias_fn is not None else [])
+        if hooks:
+            supported = "xla" if xla_only else "xla, pallas"
+            raise ValueError(
+                f"implementation='cudnn' takes no bias; {', '.join(hooks)} given "
+                f"(supported here: {supported})"
+            )
+    return implementation
+
+
+def _cudnn(q, k, v, causal, plain, q_positions, k_positions, q_seg, k_seg, kv_valid, scale):
+    """`jax.nn.dot_product_attention(implementation="cudnn")` with this module's masks: plain
+    causal order when no positions, segments or key mask were given, else a dense boolean
+    `[B, 1, Lq, Lk]` mask. Rows with no key give zeros."""
+    mask = (q_seg[:, :, None] == k_seg[:, None, :]) & kv_valid[:, None, :]
+    if causal:
+        mask = mask & (k_positions[:, None, :] <= q_positions[:, :, None])
+    mask = jnp.broadcast_to(mask[:, None], (q.shape[0], 1, q.shape[1], k.shape[1]))
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=None if plain else mask,
+        is_causal=causal and plain,
+        scale=scale,
+        implementation="cudnn",
+    )
+    keep = mask.any(-1)[:, 0, :, None, None]  # [B, Lq, 1, 1]
+    return jnp.where(keep, out, 0).astype(q.dtype)

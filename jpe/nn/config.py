@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from jpe.attention import IMPLEMENTATIONS
 from jpe.encodings import _checks
 from jpe.nn import encodings as _encodings  # noqa: F401  (registers the built-in encodings)
 from jpe.nn import encodings_2d as _encodings_2d  # noqa: F401  (and the 2-D ones)
@@ -36,6 +37,9 @@ class TransformerConfig:
         language-model head (encoder tasks).
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
       block_size: attention block length (see `jpe.attention`).
+      attention: the attention implementation, None (picked for the backend), "xla",
+        "pallas" or "cudnn" (see `jpe.attention`); it must be one the encoding supports
+        (`Encoding.supported_attention()`).
     """
 
     pe: str = "rope"
@@ -50,6 +54,7 @@ class TransformerConfig:
     num_classes: int | None = None
     dtype: str = "float32"
     block_size: int = 512
+    attention: str | None = None
     pe_options: Options | Mapping | None = None
 
     def __post_init__(self):
@@ -71,6 +76,14 @@ class TransformerConfig:
         if self.num_classes is not None:
             _checks.positive_int("num_classes", self.num_classes)
         _checks.one_of("dtype", self.dtype, _DTYPES)
+        if self.attention is not None:
+            _checks.one_of("attention", self.attention, IMPLEMENTATIONS)
+            supported = cls.supported_attention()
+            if self.attention not in supported:
+                raise ValueError(
+                    f"attention={self.attention!r} does not serve pe={self.pe!r}; it supports "
+                    f"{', '.join(supported)}"
+                )
         cls.check_config(self)
 
     @property

@@ -180,6 +180,19 @@ class Encoding(nnx.Module):
         return Capabilities(*(getattr(cls, h) is not getattr(Encoding, h) for h in _HOOKS))
 
     @classmethod
+    def supported_attention(cls) -> tuple[str, ...]:
+        """The attention implementations that serve this encoding (`jpe.attention`'s
+        `implementation`), read off its hooks: "xla" always; "pallas" (the fused kernel that
+        evaluates `bias` inside it) unless a hook needs the queries or whole rows
+        (`query_bias`, `value`, `contextual_bias`); "cudnn" only without any bias hook."""
+        hooks = cls.capabilities()
+        if hooks.query_bias or hooks.value or hooks.contextual_bias:
+            return ("xla",)
+        if hooks.bias:
+            return ("xla", "pallas")
+        return ("xla", "pallas", "cudnn")
+
+    @classmethod
     def check_config(cls, config: TransformerConfig) -> None:
         """Raises `ValueError` if the options do not fit the model (its sizes, causality)."""
 

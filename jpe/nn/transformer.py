@@ -85,6 +85,7 @@ class Attention(nnx.Module):
             kv_mask=kv_mask,
             # A contextual bias reads whole rows: one block of every key.
             block_size=max(keys, length) if hooks.contextual_bias else c.block_size,
+            implementation=c.attention,
         )
         return self.o(out.reshape(batch, length, c.num_heads * c.head_dim)), new_cache
 
