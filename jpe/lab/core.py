@@ -44,6 +44,7 @@ __all__ = [
     "make_optimizer",
     "make_step",
     "model_loss",
+    "resume",
     "weighted_nll",
 ]
 
@@ -342,6 +343,20 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def resume(state: State, checkpoints: Checkpoints, metrics_path: Path) -> tuple[State, int, dict]:
+    """`state` with the latest checkpoint's parameters and optimiser state, the step to start
+    from, and the checkpoint's metadata (`{}` and step 0 when there is none); the metrics file
+    is cut back to that step, so a resumed run's file reads as one run."""
+    restored = checkpoints.restore(state.params, state.opt_state)
+    start, meta = 0, {}
+    if restored is not None:
+        params, opt_state, meta = restored
+        start = int(meta["step"])
+        state = state._replace(params=params, opt_state=opt_state)
+    truncate_metrics(metrics_path, start)
+    return state, start, meta
 
 
 def truncate_metrics(path: Path, step: int) -> None:

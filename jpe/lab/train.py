@@ -201,14 +201,10 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = core.Checkpoints(workdir, cfg.to_json(), keep=cfg.keep, resumable=_RESUMABLE)
     run = init_training(cfg, mesh, tuple(batches.batch(0)))
-    params, opt_state, start = run.params, run.opt_state, 0
-    restored = checkpoints.restore(params, opt_state)
-    if restored is not None:
-        params, opt_state, meta = restored
-        start = int(meta["step"])
-        batches.restore(meta["data"])
     metrics_path = workdir / "metrics.jsonl"
-    core.truncate_metrics(metrics_path, start)
+    run, start, meta = core.resume(run, checkpoints, metrics_path)
+    if start:
+        batches.restore(meta["data"])
     end = cfg.steps
     if stop_at is not None:
         end = min(cfg.steps, max(start, _checks.positive_int("stop_at", stop_at)))
@@ -217,7 +213,7 @@ def train(
     )
     try:
         params, opt_state, losses = core.fit(
-            run._replace(params=params, opt_state=opt_state),
+            run,
             batches.batch,
             steps=cfg.steps,
             start=start,

@@ -465,17 +465,12 @@ def train_vit(
 
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = core.Checkpoints(workdir, c.to_json(), keep=c.keep, resumable=_RESUMABLE)
-    params, opt_state, start = state.params, state.opt_state, 0
-    restored = checkpoints.restore(params, opt_state)
-    if restored is not None:
-        params, opt_state, meta = restored
-        start = int(meta["step"])
     metrics_path = workdir / "metrics.jsonl"
-    core.truncate_metrics(metrics_path, start)
+    state, start, _ = core.resume(state, checkpoints, metrics_path)
     began = time.perf_counter()
     try:
         params, _, records = core.fit(
-            state._replace(params=params, opt_state=opt_state),
+            state,
             batch_at,
             steps=c.steps,
             start=start,
