@@ -465,14 +465,15 @@ class TaggedCorpus:
 
 
 def _python_type(token: tokenize.TokenInfo) -> str | None:
-    if token.type == tokenize.NAME:
+    kind = token.type
+    if kind == tokenize.NAME:
         return "keyword" if keyword.iskeyword(token.string) else "name"
     return {
         tokenize.STRING: "string",
         tokenize.COMMENT: "comment",
         tokenize.NUMBER: "number",
         tokenize.OP: "operator",
-    }.get(token.type)
+    }.get(kind)
 
 
 def tag_python_source(text: str, *, name: str = "<string>") -> Document:
@@ -527,7 +528,7 @@ def tag_python_source(text: str, *, name: str = "<string>") -> Document:
                     fstring_depth -= 1
                     if not fstring_depth:
                         mark(fstring_start, token.end, "string")
-            elif token.type == tokenize.ERRORTOKEN and token.string.strip():
+            elif tokenize.ERRORTOKEN == token.type and token.string.strip():
                 raise ValueError(
                     f"{name}, line {token.start[0]}: tokenize gives an error token {token.string!r}"
                 )
