@@ -115,10 +115,8 @@ def compile_step(cfg, topology: str):
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, str(ROOT / "train"))
-    import lm
-
     from jpe.lab import cli
+    from train import lm
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default="tiny")

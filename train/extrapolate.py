@@ -72,9 +72,10 @@ def build_lab(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    from jpe.lab import cli
     from jpe.lab.extrapolate import TaskLabConfig, add_to, check_add_to, run, run_tasks
 
-    try:
+    def train_and_report():
         lab = build_lab(args)
         if args.add_to and isinstance(lab, TaskLabConfig):
             raise ValueError("--add-to applies to the language-model lab, not to --task")
@@ -83,15 +84,17 @@ def main(argv=None) -> int:
         if isinstance(lab, TaskLabConfig):
             workdir = Path(args.workdir or ROOT / "runs" / f"task-{lab.task}")
             run_tasks(lab, workdir, progress=not args.no_progress)
-        else:
-            workdir = Path(args.workdir or ROOT / "runs" / "extrapolate")
-            details = run(lab, workdir, progress=not args.no_progress)
-            if args.add_to:
-                added = add_to(details, args.add_to)
-                print(f"added {', '.join(added)} to {args.add_to}/results.md")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            return workdir
+        workdir = Path(args.workdir or ROOT / "runs" / "extrapolate")
+        details = run(lab, workdir, progress=not args.no_progress)
+        if args.add_to:
+            added = add_to(details, args.add_to)
+            print(f"added {', '.join(added)} to {args.add_to}/results.md")
+        return workdir
+
+    workdir, code = cli.run_or_exit_code(train_and_report)
+    if workdir is None:
+        return code
     print()
     print((workdir / "results.md").read_text())
     print(f"wrote {workdir}/results.json, results.md, details.json and the figures")

@@ -96,7 +96,7 @@ def build_config(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     from jpe.lab import cli
-    from jpe.lab.train import NonFiniteLossError, train
+    from jpe.lab.train import train
 
     # The preset first, so that --help shows its values as the defaults.
     pre = argparse.ArgumentParser(add_help=False)
@@ -107,17 +107,16 @@ def main(argv=None) -> int:
         preset = None  # reported by build_config with the full message
     args = parser(preset).parse_args(argv)
 
-    try:
+    def run():
         cfg = build_config(args)
         workdir = Path(args.workdir or ROOT / "runs" / f"lm-{cfg.model.pe}")
         print(f"training pe={cfg.model.pe} for {cfg.steps} steps in {workdir}", flush=True)
-        result = train(cfg, workdir, progress=not args.no_progress)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return workdir, train(cfg, workdir, progress=not args.no_progress)
+
+    out, code = cli.run_or_exit_code(run)
+    if out is None:
+        return code
+    workdir, result = out
     if result["start_step"]:
         print(f"resumed from step {result['start_step']}")
     report = result["eval"]

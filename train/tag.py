@@ -52,21 +52,20 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from jpe.lab import cli
-    from jpe.lab.core import NonFiniteLossError
     from jpe.lab.tagger import TagConfig, train_tagger
 
     args = parser().parse_args(argv)
-    try:
+
+    def run():
         cfg = TagConfig(**cli.given(args, TagConfig))
         workdir = Path(args.workdir or ROOT / "runs" / f"tag-{cfg.pe}")
         print(f"training pe={cfg.pe} for {cfg.steps} steps in {workdir}", flush=True)
-        result = train_tagger(cfg, workdir, progress=not args.no_progress)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return workdir, train_tagger(cfg, workdir, progress=not args.no_progress)
+
+    out, code = cli.run_or_exit_code(run)
+    if out is None:
+        return code
+    workdir, result = out
     if result["start_step"]:
         print(f"resumed from step {result['start_step']}")
     report = result["eval"]

@@ -54,30 +54,31 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from jpe.lab import cli
-    from jpe.lab.core import NonFiniteLossError
     from jpe.lab.vision import VisionConfig, run_vision_lab, train_vit
 
     args = parser().parse_args(argv)
-    try:
+
+    def run():
         cfg = VisionConfig(**cli.given(args, VisionConfig))
         if args.lab:
             workdir = Path(args.workdir or ROOT / "runs" / "vit-lab")
             details = run_vision_lab(
                 cfg, args.pes, args.seeds, workdir, progress=not args.no_progress
             )
-            print((workdir / "results.md").read_text())
-            print(f"wrote {workdir / 'results.json'} and {workdir / 'vision.png'}")
-            print(f"wall time {details['seconds']:.0f} s")
-            return 0
+            return workdir, details
         workdir = Path(args.workdir or ROOT / "runs" / f"vit-{cfg.pe}")
         print(f"training pe={cfg.pe} ({cfg.encoding}) for {cfg.steps} steps in {workdir}")
-        result = train_vit(cfg, workdir, progress=not args.no_progress)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return workdir, train_vit(cfg, workdir, progress=not args.no_progress)
+
+    out, code = cli.run_or_exit_code(run)
+    if out is None:
+        return code
+    workdir, result = out
+    if args.lab:
+        print((workdir / "results.md").read_text())
+        print(f"wrote {workdir / 'results.json'} and {workdir / 'vision.png'}")
+        print(f"wall time {result['seconds']:.0f} s")
+        return 0
     if result["start_step"]:
         print(f"resumed from step {result['start_step']}")
     report = result["eval"]

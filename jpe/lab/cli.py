@@ -15,10 +15,11 @@ import json
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["add_fields", "given", "ints", "load_preset", "names"]
+__all__ = ["add_fields", "given", "ints", "load_preset", "names", "run_or_exit_code"]
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -164,3 +165,21 @@ def load_preset(directory: Path, name: str):
     if not callable(getattr(module, "get_config", None)):
         raise ValueError(f"preset {path} must define get_config()")
     return module.get_config()
+
+
+def run_or_exit_code(run: Callable[[], Any]) -> tuple[Any, int]:
+    """`(run(), 0)`, or `(None, code)` after printing `error: ...` to stderr: code 2 for bad
+    input (`ValueError`), 3 for a loss that became NaN or infinite (`NonFiniteLossError`).
+    The command lines' one way of turning failures into exit codes."""
+    import sys
+
+    from jpe.lab.core import NonFiniteLossError
+
+    try:
+        return run(), 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, 3
