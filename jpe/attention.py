@@ -4,8 +4,13 @@ The logits of a query block against a key block are `scale * q . k + bias_fn(q_p
 masked (causal by position, same segment, valid key) and folded into a running softmax
 (Milakov & Gimelshein 2018, arXiv 1805.02867; the form FlashAttention uses, arXiv 2205.14135).
 Only `[B, H, bq, bk]` logits exist at any time, so memory is linear in the sequence length and
-no `[H, L, L]` bias is ever built, in the forward pass and, through checkpointing, in the
-backward pass. A row with no key to attend to (a padding query, say) gives zeros rather than
+no `[H, L, L]` bias is ever built, in the forward pass and in the backward pass. The backward
+pass is FlashAttention-2's (arXiv 2307.08691, Algorithm 2) as a `jax.custom_vjp`: it keeps only
+the output and each row's log-sum-exp, recomputes a block's probabilities from them and asks
+the encoding's bias for its own gradient (`jax.vjp` of `bias_fn` per block, so a T5 table or a
+FIRE MLP trains). Block pairs that every mask rules out (above the causal diagonal) are skipped.
+The hooks that need the unnormalised weights or whole rows (`value_fn`, `contextual_bias_fn`)
+take the same loops differentiated by JAX, with a checkpoint per block. A row with no key to attend to (a padding query, say) gives zeros rather than
 NaN, and whatever a masked-out key or value holds (NaN included) never reaches a row.
 """
 
@@ -33,6 +38,10 @@ IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
 
 DEFAULT_BLOCK_SIZE = 512
 _MASKED = -1e30  # finite, so a fully masked row stays NaN-free
+# The fused XLA path's running maximum starts here, above _MASKED: exp(_MASKED - max) is then
+# exactly 0, so masked logits need no second select after the exponential (a row whose every
+# key is masked sums to 0). Logits at or below it count as masked.
+_FLOOR = -1e29
 
 BiasFn = Callable[..., jnp.ndarray]
 
@@ -248,6 +257,11 @@ def attention(
         )
 
     bq, bk = min(block, q_len), min(block, k_len)
+    if value_fn is None and contextual_bias_fn is None:
+        return _xla_fused(
+            q, k, v, bias_fn, query_bias_fn, causal, q_positions, k_positions, q_seg, k_seg,
+            kv_valid, bq, bk, scale,
+        )  # fmt: skip
     if contextual_bias_fn is not None and bk < k_len:
         raise ValueError(
             f"contextual_bias_fn needs every key in one block: block_size ({block}) must be >= "
@@ -340,6 +354,295 @@ def attention(
     # [nq, B, bq, H, D] -> [B, Lq, H, D]
     out = jnp.moveaxis(out, 0, 1).reshape(batch, -1, num_heads, head_dim)[:, :q_len]
     return out.astype(q.dtype)
+
+
+def _xla_fused(
+    q, k, v, bias_fn, query_bias_fn, causal, q_positions, k_positions, q_seg, k_seg, kv_valid,
+    bq, bk, scale,
+):  # fmt: skip
+    """The XLA path without `value_fn` or `contextual_bias_fn`: `_flash_xla` on finite keys and
+    values, then NaN for the rows that attend to a non-finite one (the contract of
+    `attention`); the search for those rows runs only when there is one."""
+    batch, q_len, num_heads, _ = q.shape
+    kv_heads = k.shape[2]
+    k_finite, v_finite = jnp.isfinite(k), jnp.isfinite(v)
+    kbad = ~(k_finite.all(axis=-1) & v_finite.all(axis=-1))  # [B, Lk, Hkv]
+    k, v = jnp.where(k_finite, k, 0), jnp.where(v_finite, v, 0)
+    out = _flash_xla(
+        q, k, v, bias_fn, query_bias_fn, causal, q_positions, k_positions, q_seg, k_seg,
+        kv_valid, bq, bk, scale,
+    )  # fmt: skip
+
+    def poisoned(_):  # [B, Lq, Hkv]: does a row attend to a bad key, key block by key block
+        def step(hits, xs):
+            kp, ks, kval, bad = xs  # [B', bk] x 3, [B, bk, Hkv]
+            mask = (q_seg[:, :, None] == ks[:, None, :]) & kval[:, None, :]
+            if causal:
+                mask = mask & (kp[:, None, :] <= q_positions[:, :, None])
+            mask = jnp.broadcast_to(mask, (batch,) + mask.shape[1:]).astype(jnp.float32)
+            n = jnp.einsum("bqk,bkh->bqh", mask, bad.astype(jnp.float32))
+            return hits | (n > 0), None
+
+        xs = (
+            _blocks(k_positions, bk, 0),
+            _blocks(k_seg, bk, 0),
+            _blocks(kv_valid, bk, False),
+            _blocks(kbad, bk, False),
+        )
+        hits, _ = jax.lax.scan(step, jnp.zeros((batch, q_len, kv_heads), bool), xs)
+        return hits
+
+    hits = jax.lax.cond(
+        kbad.any(), poisoned, lambda _: jnp.zeros((batch, q_len, kv_heads), bool), None
+    )
+    hits = jnp.repeat(hits, num_heads // kv_heads, axis=2)[..., None]  # [B, Lq, H, 1]
+    return jnp.where(hits, jnp.nan, out).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The XLA path's fused form: a custom VJP (FlashAttention-2's backward, arXiv 2307.08691, Alg. 2)
+# so that the backward pass recomputes each block's probabilities from the saved log-sum-exp
+# instead of differentiating the online softmax step by step. Used whenever no hook needs the
+# unnormalised weights or whole rows (`value_fn`, `contextual_bias_fn`).
+
+
+def _unbroadcast(x: jnp.ndarray, shape: tuple) -> jnp.ndarray:
+    """Sums `x` down to `shape` (numpy broadcasting in reverse): the cotangent of a broadcast."""
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead))) if lead else x
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x
+
+
+def _flash_xla(
+    q, k, v, bias_fn, query_bias_fn, causal, q_positions, k_positions, q_seg, k_seg, kv_valid,
+    bq, bk, scale,
+):  # fmt: skip
+    """The blocked attention of `attention` with a custom VJP; inputs as there (k and v already
+    finite), `[B, Lq, H, D]` out. Layout inside: heads first, `[B, Hkv, G, L, D]` for queries
+    and `[B, Hkv, L, D]` for keys and values, so every block product is a plain batched
+    matrix product."""
+    batch, q_len, num_heads, head_dim = q.shape
+    k_len, kv_heads = k.shape[1], k.shape[2]
+    groups = num_heads // kv_heads
+    nq, nk = -(-q_len // bq), -(-k_len // bk)
+
+    def heads_first(x, n, block, fill):  # [B, L, Hkv(, G), D] -> [n, B, Hkv(, G), block, D]
+        x = _blocks(x, block, fill)  # [n, B, block, ...]
+        return jnp.moveaxis(x, 2, -2)
+
+    # Queries are scaled once here rather than every block's logits: [L, D], not [L, L].
+    q = q * jnp.asarray(scale, q.dtype)
+    qg = heads_first(q.reshape(batch, q_len, kv_heads, groups, head_dim), nq, bq, 0)
+    kb, vb = heads_first(k, nk, bk, 0), heads_first(v, nk, bk, 0)
+    qp, qs = _blocks(q_positions, bq, 0), _blocks(q_seg, bq, 0)  # [nq, B', bq]
+    kp, ks = _blocks(k_positions, bk, 0), _blocks(k_seg, bk, 0)
+    kval = _blocks(kv_valid, bk, False)
+
+    def mask_of(qp, qs, kp, ks, kval):  # -> [B', 1, 1, bq, bk]
+        mask = (qs[:, :, None] == ks[:, None, :]) & kval[:, None, :]
+        if causal:
+            mask = mask & (kp[:, None, :] <= qp[:, :, None])
+        return mask[:, None, None]
+
+    # The bias as a function of explicit arrays: an encoding's parameters, closed over by its
+    # hook, become arguments, so that the backward pass can return their gradients.
+    def total_bias(qb, qp, kp):
+        out = None
+        for bias in (
+            None if bias_fn is None else bias_fn(qp, kp),
+            None if query_bias_fn is None else query_bias_fn(qb, qp, kp),
+        ):
+            if bias is not None:
+                bias = jnp.asarray(bias, jnp.float32)
+                bias = bias[None] if bias.ndim == 3 else bias
+                out = bias if out is None else out + bias
+        return out
+
+    has_bias = bias_fn is not None or query_bias_fn is not None
+    if has_bias:
+        qb0 = jax.ShapeDtypeStruct((batch, bq, num_heads, head_dim), q.dtype)
+        bias_closed, consts = jax.closure_convert(total_bias, qb0, qp[0], kp[0])
+    else:
+        bias_closed, consts = None, []
+
+    def bias_of(consts, qg_block, qp, kp):  # -> [B or 1, Hkv or 1, G or 1, bq, bk] float32
+        qb = None
+        if query_bias_fn is not None:  # [B, Hkv, G, bq, D] -> [B, bq, H, D], unscaled
+            qb = jnp.moveaxis(qg_block, 3, 1).reshape(batch, bq, num_heads, head_dim) / scale
+        else:
+            qb = jnp.zeros((batch, bq, num_heads, head_dim), q.dtype)  # unread
+        bias = bias_closed(qb, qp, kp, *consts)
+        if bias.ndim != 4 or bias.shape[-2:] != (bq, bk) or bias.shape[1] not in (1, num_heads):
+            raise ValueError(
+                f"bias_fn must return [B or 1, H or 1, bq, bk] or [H or 1, bq, bk] with "
+                f"H={num_heads}, bq={bq}, bk={bk}; got {bias.shape}"
+            )
+        if bias.shape[1] == 1:
+            return bias[:, :, None]
+        return bias.reshape(bias.shape[0], kv_heads, groups, bq, bk)
+
+    def logits(consts, qg_block, kb_block, qp, kp, mask):
+        s = jnp.einsum("bhgqd,bhkd->bhgqk", qg_block, kb_block, preferred_element_type=jnp.float32)
+        if has_bias:
+            s = s + bias_of(consts, qg_block, qp, kp)
+        return jnp.where(mask, s, _MASKED)
+
+    def forward_row(consts, k_blocks, v_blocks, qg_i, qp_i, qs_i):  # one query block, all keys
+        def step(carry, kv):
+            m, denom, acc = carry
+            kb_j, vb_j, kp_j, ks_j, kval_j = kv
+            mask = mask_of(qp_i, qs_i, kp_j, ks_j, kval_j)
+
+            def visit(carry):
+                m, denom, acc = carry
+                s = logits(consts, qg_i, kb_j, qp_i, kp_j, mask)
+                m_new = jnp.maximum(m, s.max(axis=-1))
+                p = jnp.exp(s - m_new[..., None])  # masked: exp(_MASKED - m_new) == 0
+                correction = jnp.exp(m - m_new)
+                pv = jnp.einsum(
+                    "bhgqk,bhkd->bhgqd", p.astype(vb_j.dtype), vb_j,
+                    preferred_element_type=jnp.float32,
+                )  # fmt: skip
+                return (
+                    m_new,
+                    denom * correction + p.sum(axis=-1),
+                    acc * correction[..., None] + pv,
+                )
+
+            if nk == 1:
+                return visit(carry), None
+            # A block that every mask rules out (above the causal diagonal, another segment)
+            # is skipped, not computed.
+            return jax.lax.cond(mask.any(), visit, lambda c: c, carry), None
+
+        shape = (batch, kv_heads, groups, bq)
+        init = (
+            jnp.full(shape, _FLOOR, jnp.float32),
+            jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32),
+        )
+        kv = (k_blocks, v_blocks, kp, ks, kval)
+        if nk == 1:
+            (m, denom, acc), _ = step(init, jax.tree.map(lambda t: t[0], kv))
+        else:
+            (m, denom, acc), _ = jax.lax.scan(step, init, kv)
+        empty = denom == 0  # no key at all: zeros
+        out = jnp.where(empty[..., None], 0.0, acc / jnp.where(empty, 1.0, denom)[..., None])
+        lse = jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, denom)))
+        return out, lse
+
+    def forward(q_blocks, k_blocks, v_blocks, consts):
+        if nq == 1:
+            out, lse = forward_row(consts, k_blocks, v_blocks, q_blocks[0], qp[0], qs[0])
+            return out[None], lse[None]
+        return jax.lax.map(
+            lambda xs: forward_row(consts, k_blocks, v_blocks, *xs), (q_blocks, qp, qs)
+        )
+
+    def pair_grads(consts, qg_i, qp_i, qs_i, do_i, lse_i, delta_i, kb_j, vb_j, kp_j, ks_j,
+                   kval_j):  # fmt: skip
+        """Gradients from one (query block, key block) pair: dq_i, dk_j, dv_j, dconsts."""
+        mask = mask_of(qp_i, qs_i, kp_j, ks_j, kval_j)
+        s = jnp.einsum("bhgqd,bhkd->bhgqk", qg_i, kb_j, preferred_element_type=jnp.float32)
+        bias_vjp = None
+        if has_bias:
+            bias, bias_vjp = jax.vjp(lambda c, g: bias_of(c, g, qp_i, kp_j), consts, qg_i)
+            s = s + bias
+        # lse >= _FLOOR (0 for a row with no key), so a masked logit gives exactly 0.
+        p = jnp.exp(jnp.where(mask, s, _MASKED) - lse_i[..., None])  # [B, Hkv, G, bq, bk]
+        dtype = vb_j.dtype
+        dv = jnp.einsum(
+            "bhgqk,bhgqd->bhkd", p.astype(dtype), do_i, preferred_element_type=jnp.float32
+        )
+        dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_i, vb_j, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_i[..., None])
+        dq = jnp.einsum(
+            "bhgqk,bhkd->bhgqd", ds.astype(dtype), kb_j, preferred_element_type=jnp.float32
+        )
+        dk = jnp.einsum(
+            "bhgqk,bhgqd->bhkd", ds.astype(dtype), qg_i, preferred_element_type=jnp.float32
+        )
+        dconsts = [jnp.zeros_like(c) for c in consts]
+        if bias_vjp is not None:
+            dconsts, dqg = bias_vjp(_unbroadcast(ds, bias.shape).astype(bias.dtype))
+            if query_bias_fn is not None:
+                dq = dq + dqg.astype(jnp.float32)
+        return dq, dk, dv, list(dconsts)
+
+    def backward(res, do):
+        q_blocks, k_blocks, v_blocks, consts, out, lse = res
+        do = do.astype(jnp.float32)
+        delta = (do * out).sum(axis=-1)  # [nq, B, Hkv, G, bq]
+        do = do.astype(q_blocks.dtype)
+        if nq == 1 and nk == 1:
+            dq, dk, dv, dconsts = pair_grads(
+                consts, q_blocks[0], qp[0], qs[0], do[0], lse[0], delta[0],
+                k_blocks[0], v_blocks[0], kp[0], ks[0], kval[0],
+            )  # fmt: skip
+            dq, dk, dv = dq[None], dk[None], dv[None]
+        else:
+            rows = (q_blocks, qp, qs, do, lse, delta)
+
+            def key_block(carry, kv):  # one key block against every query block
+                dq_all, dconsts = carry
+                kb_j, vb_j, kp_j, ks_j, kval_j = kv
+
+                def query_block(acc, xs):
+                    dk_j, dv_j, dconsts = acc
+                    qg_i, qp_i, qs_i, do_i, lse_i, delta_i = xs
+                    mask = mask_of(qp_i, qs_i, kp_j, ks_j, kval_j)
+
+                    def visit(_):
+                        return pair_grads(
+                            consts, qg_i, qp_i, qs_i, do_i, lse_i, delta_i,
+                            kb_j, vb_j, kp_j, ks_j, kval_j,
+                        )  # fmt: skip
+
+                    def skip(_):
+                        return (
+                            jnp.zeros(qg_i.shape, jnp.float32),
+                            jnp.zeros(kb_j.shape, jnp.float32),
+                            jnp.zeros(vb_j.shape, jnp.float32),
+                            [jnp.zeros_like(c) for c in consts],
+                        )
+
+                    dq_i, dk_ij, dv_ij, dc = jax.lax.cond(mask.any(), visit, skip, None)
+                    dconsts = [a + b for a, b in zip(dconsts, dc, strict=True)]
+                    return (dk_j + dk_ij, dv_j + dv_ij, dconsts), dq_i
+
+                init = (
+                    jnp.zeros(kb_j.shape, jnp.float32),
+                    jnp.zeros(vb_j.shape, jnp.float32),
+                    dconsts,
+                )
+                (dk_j, dv_j, dconsts), dq_parts = jax.lax.scan(query_block, init, rows)
+                return (dq_all + dq_parts, dconsts), (dk_j, dv_j)
+
+            init = (jnp.zeros(q_blocks.shape, jnp.float32), [jnp.zeros_like(c) for c in consts])
+            (dq, dconsts), (dk, dv) = jax.lax.scan(
+                key_block, init, (k_blocks, v_blocks, kp, ks, kval)
+            )
+        return (
+            dq.astype(q_blocks.dtype),
+            dk.astype(k_blocks.dtype),
+            dv.astype(v_blocks.dtype),
+            [d.astype(c.dtype) for d, c in zip(dconsts, consts, strict=True)],
+        )
+
+    @jax.custom_vjp
+    def fused(q_blocks, k_blocks, v_blocks, consts):
+        return forward(q_blocks, k_blocks, v_blocks, consts)[0]
+
+    def fused_fwd(q_blocks, k_blocks, v_blocks, consts):
+        out, lse = forward(q_blocks, k_blocks, v_blocks, consts)
+        return out, (q_blocks, k_blocks, v_blocks, consts, out, lse)
+
+    fused.defvjp(fused_fwd, backward)
+    out = fused(qg, kb, vb, list(consts))  # [nq, B, Hkv, G, bq, D] float32
+    # -> [B, nq, bq, Hkv, G, D] -> [B, Lq, H, D]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, nq * bq, num_heads, head_dim)[:, :q_len]
+    return out
 
 
 def choose_implementation(

@@ -33,6 +33,24 @@ def _dtype(config: TransformerConfig):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
 
 
+def _rms(norm: nnx.RMSNorm, x: jax.Array) -> jax.Array:
+    """`x / sqrt(mean(x^2) + eps)` over the last axis, in float32 (at least) as `nnx.RMSNorm`
+    computes it, without its scale: `_dense` folds that into the next product's kernel."""
+    x32 = x.astype(jnp.promote_types(jnp.float32, x.dtype))
+    ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return x32 * jax.lax.rsqrt(ms + norm.epsilon)  # [..., d] * [..., 1]
+
+
+def _dense(x, kernel, bias, scale, dtype) -> jax.Array:
+    """`(x * scale) @ kernel + bias` as `(x @ (scale[:, None] * kernel)) + bias`: an RMSNorm's
+    scale `[d_in]` folded into the kernel `[d_in, d_out]`, so no `[B, L, d_in]` product (or its
+    broadcast scale, in the backward pass) is ever built. Computed in `dtype`, like
+    `nnx.Linear`."""
+    kernel = kernel * scale[:, None] if scale is not None else kernel
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    return y if bias is None else y + bias.astype(dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+
+
 class Attention(nnx.Module):
     def __init__(self, config: TransformerConfig, layer: int, *, rngs: nnx.Rngs):
         c = config
@@ -47,13 +65,34 @@ class Attention(nnx.Module):
         self.o = dense(c.num_heads * c.head_dim, c.d_model)
 
     def __call__(
-        self, x, encoding: Encoding, positions, segment_ids, context, cache=None, index=None
+        self,
+        x,
+        encoding: Encoding,
+        positions,
+        segment_ids,
+        context,
+        cache=None,
+        index=None,
+        norm_scale=None,
     ):
+        """`x` `[B, L, d_model]`, already divided by its RMS; `norm_scale` `[d_model]` (the
+        pre-norm's scale) multiplies it, folded into the projection."""
         c = self.config
         batch, length, _ = x.shape
-        q = self.q(x).reshape(batch, length, c.num_heads, c.head_dim)
-        k = self.k(x).reshape(batch, length, c.kv_heads, c.head_dim)
-        v = self.v(x).reshape(batch, length, c.kv_heads, c.head_dim)
+        # One product with the three kernels side by side rather than three: a wider GEMM, and
+        # in the backward pass one product for dx instead of three and their sum.
+        # One product with the three kernels side by side rather than three (a wider GEMM, and in
+        # the backward pass one product for dx instead of three and their sum), with the
+        # pre-norm's scale folded into the kernel's rows: diag(s) W is [d, 3d], s * x is [B, L, d].
+        kernel = jnp.concatenate(
+            [self.q.kernel[...], self.k.kernel[...], self.v.kernel[...]], axis=1
+        )
+        qkv = _dense(x, kernel, None, norm_scale, _dtype(c))
+        widths = (c.num_heads * c.head_dim, c.kv_heads * c.head_dim)
+        q, k, v = jnp.split(qkv, [widths[0], widths[0] + widths[1]], axis=-1)
+        q = q.reshape(batch, length, c.num_heads, c.head_dim)
+        k = k.reshape(batch, length, c.kv_heads, c.head_dim)
+        v = v.reshape(batch, length, c.kv_heads, c.head_dim)
         q, k, v = encoding.transform_qkv(q, k, v, positions, layer=self.layer, context=context)
         if cache is None:
             k_positions, k_segments, kv_mask = positions, segment_ids, None
@@ -101,11 +140,17 @@ class Block(nnx.Module):
         self.down = nnx.Linear(hidden, c.d_model, dtype=_dtype(c), rngs=rngs)
 
     def __call__(self, x, encoding, positions, segment_ids, context, cache=None, index=None):
+        # Each RMSNorm's scale is folded into the product after it (`_dense`).
         h, new_cache = self.attn(
-            self.norm1(x), encoding, positions, segment_ids, context, cache, index
-        )
+            _rms(self.norm1, x), encoding, positions, segment_ids, context, cache, index,
+            norm_scale=self.norm1.scale[...],
+        )  # fmt: skip
         x = x + h
-        x = x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+        up = _dense(
+            _rms(self.norm2, x), self.up.kernel[...], self.up.bias[...], self.norm2.scale[...],
+            self.up.dtype,
+        )  # fmt: skip
+        x = x + self.down(jax.nn.gelu(up))
         return x, new_cache
 
 
@@ -198,7 +243,10 @@ class Transformer(nnx.Module):
         return self.encoding.embed(x, positions)
 
     def _output(self, x):
-        return self.head(self.norm(x)).astype(jnp.float32)
+        head = self.head
+        bias = None if head.bias is None else head.bias[...]
+        out = _dense(_rms(self.norm, x), head.kernel[...], bias, self.norm.scale[...], head.dtype)
+        return out.astype(jnp.float32)
 
     # -- forward -----------------------------------------------------------------------------
 
