@@ -62,6 +62,19 @@ def test_markdown_and_figures(lab_run):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
 
 
+def test_compile_and_run_seconds_per_run(lab_run):
+    """Each run records its evaluation's compile and run seconds apart; the second seed of
+    one configuration reuses the first seed's executables, compiling nothing."""
+    details = json.loads((lab_run / "details.json").read_text())
+    for spec in ("alibi", "rope", "rope+linear"):
+        first, second = (details["runs"][spec][s]["seconds"] for s in ("0", "1"))
+        assert first["wall"] > 0 and first["eval_run"] > 0 and second["eval_run"] > 0, spec
+        assert second["eval_compiles"] == 0 and second["eval_compile"] == 0, spec
+    assert details["runs"]["alibi"]["0"]["seconds"]["eval_compiles"] <= 3  # one per length
+    md = (lab_run / "results.md").read_text()
+    assert f"### {lab_lib.report.SECONDS_TITLE}" in md and "| eval_compile |" in md
+
+
 def test_add_to_puts_new_encodings_beside_an_earlier_lab(lab_run, tmp_path):
     earlier = tmp_path / "earlier"
     earlier.mkdir()
@@ -73,7 +86,8 @@ def test_add_to_puts_new_encodings_beside_an_earlier_lab(lab_run, tmp_path):
     assert cli.main(argv) == 0
     text = (earlier / "results.md").read_text()
     tables = lab_lib.report.read_tables(text)
-    assert len(tables) == 2
+    assert len(tables) == 3  # two modes, and the seconds per encoding
+    assert lab_lib.report.SECONDS_TITLE in tables
     for rows in tables.values():
         assert {"alibi", "rope", "none"} <= set(rows)
     old = lab_lib.report.read_tables(before)

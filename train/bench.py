@@ -16,6 +16,10 @@ included) for each encoding, in one process, interleaving the encodings round by
 a noisy machine slows them alike, and prints the median time per step and its ratio to `none`.
 If PyTorch and x-transformers are importable, the same configuration runs in x-transformers
 beside it.
+
+The persistent compilation cache of the other command lines (`jpe.lab.cli.
+enable_compilation_cache`) is deliberately not turned on here: every measurement compiles
+cold, in a process that shares nothing on disk with earlier runs.
 """
 
 from __future__ import annotations

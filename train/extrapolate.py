@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", help="outputs (default runs/extrapolate, or runs/task-TASK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cli.add_compilation_cache(p)
     p.add_argument(
         "--add-to",
         metavar="DIR",
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from jpe.lab import cli
     from jpe.lab.extrapolate import TaskLabConfig, add_to, check_add_to, run, run_tasks
+
+    cli.enable_compilation_cache(args.compilation_cache)
 
     def train_and_report():
         lab = build_lab(args)

@@ -37,6 +37,7 @@ def parser(preset=None) -> argparse.ArgumentParser:
     p.add_argument("--config", default="tiny", help="preset in configs/ (default tiny)")
     p.add_argument("--workdir", help="checkpoints and outputs (default runs/lm-PE)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_compilation_cache(p)
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (--dtype=bfloat16)")
     p.add_argument(
         "--rope-scaling",
@@ -106,6 +107,7 @@ def main(argv=None) -> int:
     except ValueError:
         preset = None  # reported by build_config with the full message
     args = parser(preset).parse_args(argv)
+    cli.enable_compilation_cache(args.compilation_cache)
 
     def run():
         cfg = build_config(args)

@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", help="checkpoints and outputs (default runs/tag-PE)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_compilation_cache(p)
     cli.add_fields(
         p,
         TagConfig,
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     from jpe.lab.tagger import TagConfig, train_tagger
 
     args = parser().parse_args(argv)
+    cli.enable_compilation_cache(args.compilation_cache)
 
     def run():
         cfg = TagConfig(**cli.given(args, TagConfig))

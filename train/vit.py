@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", help="checkpoints and outputs (default runs/vit-PE)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_compilation_cache(p)
     p.add_argument("--lab", action="store_true", help="train every encoding of --pes")
     p.add_argument(
         "--pes",
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
     from jpe.lab.vision import VisionConfig, run_vision_lab, train_vit
 
     args = parser().parse_args(argv)
+    cli.enable_compilation_cache(args.compilation_cache)
 
     def run():
         cfg = VisionConfig(**cli.given(args, VisionConfig))

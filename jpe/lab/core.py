@@ -12,12 +12,18 @@ and those still to come) builds on these pieces rather than on copies of them:
 - `Checkpoints`: Orbax checkpoints of the state plus JSON metadata, with a refusal to resume
   a run of another configuration;
 - `fit`: the loop, with a progress bar, metrics lines, periodic checkpoints and one stop on a
-  non-finite loss (`NonFiniteLossError`).
+  non-finite loss (`NonFiniteLossError`);
+- `model_jit` / `run_compiled`: evaluation functions jitted once per model configuration
+  (keyed on the `nnx` graph definition, the weights an argument) and compiled ahead of time
+  once per argument shape, kept at module level, so that every seed, length and mode of a lab
+  reuses them, with compile and run seconds counted apart (`Timings`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -37,14 +43,17 @@ __all__ = [
     "Checkpoints",
     "NonFiniteLossError",
     "State",
+    "Timings",
     "check_finite",
     "fit",
     "flatten_model",
     "init_state",
     "make_optimizer",
     "make_step",
+    "model_jit",
     "model_loss",
     "resume",
+    "run_compiled",
     "weighted_nll",
 ]
 
@@ -92,6 +101,95 @@ def flatten_model(model: nnx.Module):
         )
 
     return build, params
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation functions compiled once per model configuration and shape
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def model_jit(fn: Callable, graphdef: nnx.GraphDef, *static) -> Callable:
+    """`jax.jit` of `(state, *args) -> fn(nnx.merge(graphdef, state), *args, *static)`.
+
+    Made once per `(fn, graphdef, static)` and kept (least recently used, 256 at most), so
+    every model of one configuration (another seed, the same model evaluated again) shares it
+    and its compiled executables: `graphdef`, from `nnx.split(model)`, is hashable and equal
+    for two modules built from one `TransformerConfig` (it holds the structure and the
+    config, not the weights), and `state` (the weights) is an argument. `fn` should be a
+    module-level function (a fresh closure would be a fresh key) and `static` hashable.
+    """
+
+    def apply(state, *args):
+        return fn(nnx.merge(graphdef, state), *args, *static)
+
+    apply.__name__ = getattr(fn, "__name__", "apply")
+    return jax.jit(apply)
+
+
+@dataclasses.dataclass
+class Timings:
+    """Seconds spent compiling and running executables through `run_compiled`.
+
+    Attributes:
+      compile_seconds: tracing, lowering and compiling (or loading from the persistent
+        compilation cache) each executable not compiled before in this process.
+      run_seconds: the calls, each waited for until its results are ready.
+      compiles: executables compiled; calls: executables called.
+    """
+
+    compile_seconds: float = 0.0
+    run_seconds: float = 0.0
+    compiles: int = 0
+    calls: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "compile_seconds": round(self.compile_seconds, 3),
+            "run_seconds": round(self.run_seconds, 3),
+            "compiles": self.compiles,
+            "calls": self.calls,
+        }
+
+
+_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
+_MAX_EXECUTABLES = 256
+
+
+def _signature(args) -> tuple:
+    """What an executable is specialised to: the pytree structure, and each leaf's abstract
+    value (shape, dtype, weak type) and, for a device array, its sharding."""
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple(
+        (jax.typeof(x), x.sharding if isinstance(x, jax.Array) else None) for x in leaves
+    )
+
+
+def run_compiled(jitted: Callable, *args, timings: Timings | None = None):
+    """`jitted(*args)`, through an executable compiled ahead of time (`jitted.lower(*args)
+    .compile()`) once per `(jitted, _signature(args))` and kept at module level (least
+    recently used, 256 at most), and waited for; with `timings`, the compile and the call are
+    timed apart. With `model_jit`, a second model of one configuration, or a second call at
+    one shape, compiles nothing."""
+    key = (jitted, _signature(args))
+    executable = _EXECUTABLES.get(key)
+    if executable is None:
+        start = time.perf_counter()
+        executable = jitted.lower(*args).compile()
+        if timings is not None:
+            timings.compile_seconds += time.perf_counter() - start
+            timings.compiles += 1
+        _EXECUTABLES[key] = executable
+        if len(_EXECUTABLES) > _MAX_EXECUTABLES:
+            _EXECUTABLES.popitem(last=False)
+    else:
+        _EXECUTABLES.move_to_end(key)
+    start = time.perf_counter()
+    out = jax.block_until_ready(executable(*args))
+    if timings is not None:
+        timings.run_seconds += time.perf_counter() - start
+        timings.calls += 1
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

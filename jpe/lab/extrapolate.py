@@ -6,8 +6,11 @@ resumes), evaluates each at every evaluation length, and writes to `workdir`:
 
 - `results.json`: `{pe: {length: ppl}}`, non-overlapping windows, mean over seeds;
 - `details.json`: everything: per seed, sliding windows, the loss at each position, the
-  configuration, the machine and the command;
-- `results.md`: the same numbers as Markdown tables;
+  seconds (`{"wall", "eval_compile", "eval_run", "eval_compiles"}`: the run's wall time, and
+  its evaluation's compile and run seconds, timed apart), the configuration, the machine and
+  the command;
+- `results.md`: the same numbers as Markdown tables, and a table of those seconds per
+  encoding;
 - `extrapolation.png`: perplexity against evaluation length (log-log), one line per encoding,
   the spread over seeds shaded, the training length marked; one panel per evaluation mode;
 - `position_loss.png`: the loss at each position of the longest windows.
@@ -220,7 +223,8 @@ def scaled_rope_config(config, kind: str, length: int, seq_len: int):
 
 
 def _evaluate_rope_scalings(lab: LabConfig, model, corpus_val) -> dict:
-    """{kind: {"ppl": {L: ppl}, "ppl_sliding": {L: ppl}}} for a trained rope `model`."""
+    """{kind: {"ppl": {L: ppl}, "ppl_sliding": {L: ppl}, "seconds": {...}}} for a trained
+    rope `model` (`seconds` as `_seconds` gives them, summed over the lengths)."""
     from flax import nnx
 
     from jpe.lab.train import evaluate
@@ -230,6 +234,7 @@ def _evaluate_rope_scalings(lab: LabConfig, model, corpus_val) -> dict:
     out = {}
     for kind in lab.rope_scalings:
         out[kind] = {"ppl": {}, "ppl_sliding": {}}
+        began, timings = time.perf_counter(), []
         for length in lab.eval_lengths:
             config = scaled_rope_config(model.config, kind, length, lab.seq_len)
             scaled = Transformer(config, rngs=nnx.Rngs(0))
@@ -244,7 +249,22 @@ def _evaluate_rope_scalings(lab: LabConfig, model, corpus_val) -> dict:
             out[kind]["ppl"][str(length)] = r["ppl"][str(length)]
             if str(length) in r.get("ppl_sliding", {}):
                 out[kind]["ppl_sliding"][str(length)] = r["ppl_sliding"][str(length)]
+            timings.append(r["timings"])
+        out[kind]["seconds"] = _seconds(time.perf_counter() - began, timings)
     return out
+
+
+def _seconds(wall: float, timings) -> dict:
+    """A run's `seconds` record: its wall time (training, if any, and evaluation) and, summed
+    over `timings` (`evaluate`'s), the evaluation's compile seconds (trace, lower and XLA
+    compile, or a load from the persistent cache, timed apart ahead of time), run seconds
+    (the compiled calls, waited for) and number of compiled executables."""
+    return {
+        "wall": round(wall, 2),
+        "eval_compile": round(sum(t["compile_seconds"] for t in timings), 3),
+        "eval_run": round(sum(t["run_seconds"] for t in timings), 3),
+        "eval_compiles": sum(t["compiles"] for t in timings),
+    }
 
 
 def run(lab: LabConfig, workdir: str | os.PathLike, *, progress: bool = True, log=print) -> dict:
@@ -269,6 +289,7 @@ def run(lab: LabConfig, workdir: str | os.PathLike, *, progress: bool = True, lo
         log(f"[{i}/{total}] {spec}, seed {seed}")
         cfg = _train_config(lab, spec, seed)
         name = spec.replace(RANDOMIZED, "-randomized")
+        began = time.perf_counter()
         result = train(cfg, workdir / "runs" / f"{name}-seed{seed}", progress=progress)
         evaluation = result["eval"]
         runs.setdefault(spec, {})[seed] = {
@@ -276,6 +297,7 @@ def run(lab: LabConfig, workdir: str | os.PathLike, *, progress: bool = True, lo
             "ppl_sliding": evaluation.get("ppl_sliding", {}),
             "loss_by_position": evaluation["loss_by_position"][str(max(lab.eval_lengths))],
             "final_train_loss": result["losses"][-1]["loss"] if result["losses"] else None,
+            "seconds": _seconds(time.perf_counter() - began, [evaluation["timings"]]),
         }
         if spec == "rope" and lab.rope_scalings:
             log(f"      rope scalings at evaluation: {', '.join(lab.rope_scalings)}")
@@ -389,6 +411,15 @@ def add_to(details: dict, directory: str | os.PathLike) -> list[str]:
                 break
             rows[line.split("|")[1].strip()] = line
         text = report.add_rows(text, metric.title, rows)
+    seconds_title = f"### {report.SECONDS_TITLE}"
+    if seconds_title in ours and seconds_title in text.splitlines():
+        start = ours.index(seconds_title)
+        rows = {}
+        for line in ours[start + 6 :]:
+            if not line.startswith("| "):
+                break
+            rows[line.split("|")[1].strip()] = line
+        text = report.add_rows(text, report.SECONDS_TITLE, rows)
     text = text.rstrip("\n") + (
         f"\n\nRows added later ({', '.join(added)}), with the same budget: command "
         f"`{details['command']}`, machine {details['machine']}, {details['seconds']:.0f} s.\n"

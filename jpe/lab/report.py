@@ -38,6 +38,7 @@ __all__ = [
     "machine",
     "markdown",
     "read_tables",
+    "seconds_markdown",
     "write",
 ]
 
@@ -150,7 +151,47 @@ def markdown(details: dict, spec: ReportSpec) -> str:
             cells = [_fmt(by_size[str(n)], seeds) if str(n) in by_size else "" for n in sizes]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + seconds_markdown(details))
+
+
+#: the title of the table of seconds in `results.md`
+SECONDS_TITLE = "Seconds per encoding (summed over seeds)"
+_SECONDS = ("wall", "eval_compile", "eval_run", "eval_compiles")
+
+
+def seconds_markdown(details: dict) -> list[str]:
+    """The lines of a table of each spec's `seconds` record (`{"wall", "eval_compile",
+    "eval_run", "eval_compiles"}`, summed over seeds), for the runs that have one; [] when
+    none has."""
+    rows = {}
+    for name, by_seed in details["runs"].items():
+        records = [r["seconds"] for r in by_seed.values() if r.get("seconds")]
+        if records:
+            rows[name] = [sum(r.get(key, 0) for r in records) for key in _SECONDS]
+    if not rows:
+        return []
+    lines = [
+        f"### {SECONDS_TITLE}",
+        "",
+        "`wall`: training (what was left of it, when resumed) and evaluation; `eval_compile`: "
+        "compiling the evaluation's executables, or loading them from the persistent "
+        "compilation cache (timed apart, ahead of time; 0 when an earlier model of the same "
+        "configuration and shapes in this process compiled them); `eval_run`: running them; "
+        "`eval_compiles`: how many were compiled or loaded.",
+        "",
+        "| pe | " + " | ".join(_SECONDS) + " |",
+        "|---|" + "---:|" * len(_SECONDS),
+    ]
+    for name, (wall, compile_s, run_s, compiles) in rows.items():
+        lines.append(f"| {name} | {wall:.1f} | {compile_s:.2f} | {run_s:.2f} | {compiles} |")
+    totals = [sum(row[i] for row in rows.values()) for i in range(3)]
+    lines += [
+        "",
+        f"In all: {totals[0]:.0f} s of runs, of which the evaluation compiled for "
+        f"{totals[1]:.1f} s and ran for {totals[2]:.1f} s.",
+        "",
+    ]
+    return lines
 
 
 def read_tables(text: str) -> dict[str, dict[str, dict[str, float]]]:

@@ -256,21 +256,27 @@ def _batch(rows: Mapping[str, np.ndarray], index: np.ndarray) -> dict:
 _EVAL_TOKENS = 1 << 14  # tokens per evaluation batch
 
 
-def _predict(build, params, rows: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Argmax label ids `[N, L]` of the model over `rows`, in batches of fixed shape."""
+def _label_ids(model: Transformer, inputs, positions, segment_ids):
+    """Argmax label ids `[B, L]` of `model` over one batch of rows `[B, L]`."""
+    logits = model(inputs, positions=positions, segment_ids=segment_ids)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _predict(model: Transformer, rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Argmax label ids `[N, L]` of the model over `rows`, in batches of fixed shape, with one
+    executable per (model configuration, batch shape) in a process, shared by every model of
+    that configuration (`core.model_jit`, `core.run_compiled`)."""
     n, length = rows["inputs"].shape
     per_batch = max(1, _EVAL_TOKENS // length)
-
-    @jax.jit
-    def predict(params, inputs, positions, segment_ids):
-        logits = build(params)(inputs, positions=positions, segment_ids=segment_ids)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
+    graphdef, state = nnx.split(model)
+    predict = core.model_jit(_label_ids, graphdef)
     out = []
     for start in range(0, n, per_batch):
         index = np.arange(start, start + per_batch) % n  # the last batch wraps: one shape
         batch = _batch(rows, index)
-        ids = predict(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+        ids = core.run_compiled(
+            predict, state, batch["inputs"], batch["positions"], batch["segment_ids"]
+        )
         out.append(np.asarray(ids)[: min(per_batch, n - start)])
     return np.concatenate(out)
 
@@ -278,8 +284,7 @@ def _predict(build, params, rows: Mapping[str, np.ndarray]) -> np.ndarray:
 def evaluate_tagger(model: Transformer, rows: Mapping[str, np.ndarray], labels) -> dict:
     """`tagging.evaluate`'s scores of `model` on `rows` (`tagging.document_windows` or
     `pack_sentences` output, `[N, L]` arrays), with the row's own positions and segments."""
-    build, params = core.flatten_model(model)
-    predicted = _predict(build, params, rows)
+    predicted = _predict(model, rows)
     return tagging.evaluate(
         rows["labels"],
         predicted,

@@ -364,6 +364,11 @@ class TaskConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _predict_tokens(model: Transformer, inputs, positions):
+    """Argmax token ids `[B, L]` of `model` over `inputs` `[B, L]` at `positions`."""
+    return jnp.argmax(model(inputs, positions=positions), axis=-1).astype(jnp.int32)
+
+
 def run_task(config: TaskConfig, *, progress: bool = False) -> dict:
     """Trains a fresh causal `jpe.Transformer` on `config.task` and scores its answers per
     length.
@@ -426,10 +431,10 @@ def run_task(config: TaskConfig, *, progress: bool = False) -> dict:
     )
     train_seconds = time.perf_counter() - start
     build = state.build
-
-    @jax.jit
-    def predict(params, inputs, positions):
-        return jnp.argmax(build(params)(inputs, positions=positions), axis=-1).astype(jnp.int32)
+    # One executable per (model configuration, test length) in a process: every seed shares it.
+    model = build(params)
+    graphdef, model_state = nnx.split(model)
+    predict = core.model_jit(_predict_tokens, graphdef)
 
     accuracy, token_accuracy, chance = {}, {}, {}
     for n in c.test_lengths:
@@ -441,7 +446,7 @@ def run_task(config: TaskConfig, *, progress: bool = False) -> dict:
             )
         else:
             positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
-        preds = np.asarray(predict(params, batch["inputs"], positions))
+        preds = np.asarray(core.run_compiled(predict, model_state, batch["inputs"], positions))
         scored = batch["weights"] > 0
         right = preds == batch["targets"]
         accuracy[n] = float(np.mean(np.all(right | ~scored, axis=1)))
@@ -461,5 +466,5 @@ def run_task(config: TaskConfig, *, progress: bool = False) -> dict:
         "final_loss": losses[-1][1],
         "train_seconds": train_seconds,
         "config": model_config,
-        "model": build(params),
+        "model": model,
     }

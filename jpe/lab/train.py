@@ -269,33 +269,63 @@ def check_eval_lengths(tokens: np.ndarray, lengths: Sequence[int]) -> None:
 _EVAL_TOKENS = 1 << 14  # tokens per evaluation batch
 
 
+def _token_nll(model: Transformer, inputs, targets, key, random_positions: int | None):
+    """The NLL of each target, float32 `[B, L]`, for int32 `inputs` and `targets` `[B, L]`;
+    with `random_positions` = R, each row's positions are a sorted sample from [0, R) drawn
+    from `key` (row b's sample does not depend on the number of rows)."""
+    positions = None
+    if random_positions is not None:
+        positions = randomized_positions(key, inputs.shape, random_positions)
+    logits = model(inputs, positions=positions)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def _batch_rows(windows: int, length: int) -> int:
+    """Rows of every evaluation batch of `windows` windows of `length`: `_EVAL_TOKENS //
+    length` (at least 1), or, for fewer windows, the next power of two at or above
+    `windows`. The last, ragged batch is padded to the same rows, so each length compiles
+    one shape however many windows a mode or a validation split has (a handful of buckets
+    below a full batch), and both modes at one length usually share it."""
+    per_batch = max(1, _EVAL_TOKENS // length)
+    return min(per_batch, 1 << (windows - 1).bit_length())
+
+
 def _nll_sums(
-    model: Transformer, windows: dict, random_positions: int | None = None, seed: int = 0
+    model: Transformer,
+    windows: dict,
+    random_positions: int | None = None,
+    seed: int = 0,
+    timings: core.Timings | None = None,
 ) -> tuple[float, float, np.ndarray]:
     """Summed NLL and weight over `windows`, and the mean NLL at each position `[L]`.
 
     With `random_positions` = R, each window's positions are a sorted sample from [0, R), as
-    the model was trained (Ruoss et al. 2023 sample them at test time too)."""
-    build, params = flatten_model(model)
+    the model was trained (Ruoss et al. 2023 sample them at test time too).
+
+    The forward pass is `core.model_jit(_token_nll, graphdef, random_positions)`, compiled
+    once per (model configuration, R, batch shape) in this process (`core.run_compiled`,
+    which adds to `timings`): every model of one configuration and every call at one length
+    reuse it. Batches have `_batch_rows` rows; the last is padded with rows of zeros whose
+    outputs are dropped (each row's NLL depends on that row alone), so the sums are those of
+    the unpadded windows.
+    """
+    graphdef, state = nnx.split(model)
+    nll = core.model_jit(_token_nll, graphdef, random_positions)
     inputs, targets, weights = windows["inputs"], windows["targets"], windows["weights"]
     n, length = inputs.shape
-    per_batch = max(1, _EVAL_TOKENS // length)
-
-    @jax.jit
-    def nll(params, inputs, targets, key):
-        positions = None
-        if random_positions is not None:
-            positions = randomized_positions(key, inputs.shape, random_positions)
-        logits = build(params)(inputs, positions=positions)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-
+    rows = _batch_rows(n, length)
     total, count = 0.0, 0.0
     by_position, position_count = np.zeros(length), np.zeros(length)
-    for i in range(0, n, per_batch):
-        sl = slice(i, i + per_batch)
+    for i in range(0, n, rows):
+        sl = slice(i, i + rows)
+        real = len(inputs[sl])
+        pad = ((0, rows - real), (0, 0))
+        batch_inputs = np.pad(np.asarray(inputs[sl], np.int32), pad)
+        batch_targets = np.pad(np.asarray(targets[sl], np.int32), pad)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-        out = np.asarray(nll(params, inputs[sl], targets[sl], key), np.float64)
+        out = core.run_compiled(nll, state, batch_inputs, batch_targets, key, timings=timings)
+        out = np.asarray(out, np.float64)[:real]
         w = np.asarray(weights[sl], np.float64)
         total += float((out * w).sum())
         count += float(w.sum())
@@ -324,10 +354,16 @@ def evaluate(
     length). Each mode runs about `tokens_per_length` tokens through the model per length
     (windows evenly spaced over `tokens`; all non-overlapping ones when `tokens` is shorter).
 
+    The forward pass compiles once per (model configuration, batch shape) in a process and is
+    reused by every later model of that configuration (`_nll_sums`); `"timings"` says how
+    long compiling and running took in this call.
+
     Returns:
-      `{"ppl": {L: ppl}, "ppl_sliding": {L: ppl}, "loss_by_position": {L: [L floats]}}`, with
-      lengths as strings (JSON keys).
+      `{"ppl": {L: ppl}, "ppl_sliding": {L: ppl}, "loss_by_position": {L: [L floats]},
+      "timings": {"compile_seconds", "run_seconds", "compiles", "calls"}}`, with lengths as
+      strings (JSON keys).
     """
+    timings = core.Timings()
     out = {"ppl": {}, "loss_by_position": {}}
     if stride is not None:
         out["ppl_sliding"] = {}
@@ -335,7 +371,7 @@ def evaluate(
     for length in lengths:
         windows = max(1, tokens_per_length // length)
         windows = data_lib.eval_windows(tokens, length, max_windows=windows)
-        total, count, by_pos = _nll_sums(model, windows, random_positions)
+        total, count, by_pos = _nll_sums(model, windows, random_positions, timings=timings)
         out["ppl"][str(length)] = math.exp(total / count)
         out["loss_by_position"][str(length)] = [round(float(x), 5) for x in by_pos]
         if stride is not None and stride < length:
@@ -344,6 +380,7 @@ def evaluate(
             # The first window scores all its targets; keep only its last `stride`, so that
             # every scored target has at least L - stride tokens of context.
             windows["weights"][0, : length - stride] = 0.0
-            total, count, _ = _nll_sums(model, windows, random_positions)
+            total, count, _ = _nll_sums(model, windows, random_positions, timings=timings)
             out["ppl_sliding"][str(length)] = math.exp(total / count)
+    out["timings"] = timings.to_json()
     return out

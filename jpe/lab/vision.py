@@ -377,30 +377,35 @@ def evaluate_vit(
 ) -> float:
     """Top-1 accuracy of `model` on `images` `[N, H, W, C]`, in batches of one shape.
 
-    `predict`, from `predictor(model)`, reuses one jitted function (one compilation per image
-    shape) across calls."""
-    params, predict = predictor(model) if predict is None else predict
+    `predict`, from `predictor(model)`, saves splitting the model again on every call; either
+    way the executable is compiled once per (model configuration, image shape) in a process
+    and reused by every model of that configuration (`core.model_jit`,
+    `core.run_compiled`)."""
+    state, predict = predictor(model) if predict is None else predict
     n = len(images)
     patches = (images.shape[1] // model.patch_size) * (images.shape[2] // model.patch_size)
     per_batch = max(1, min(n, _EVAL_PATCHES // patches))
     correct = 0
     for start in range(0, n, per_batch):
         index = np.arange(start, start + per_batch) % n  # the last batch wraps: one shape
-        predicted = np.asarray(predict(params, images[index]))[: min(per_batch, n - start)]
+        predicted = np.asarray(core.run_compiled(predict, state, images[index]))
+        predicted = predicted[: min(per_batch, n - start)]
         correct += int(np.sum(predicted == labels[start : start + per_batch]))
     return correct / n
 
 
+def _argmax_classes(model: VisionTransformer, images):
+    """The argmax class `[B]` of images `[B, H, W, C]`."""
+    return jnp.argmax(model(images), axis=-1)
+
+
 def predictor(model: VisionTransformer):
-    """`(params, predict)`: the model's parameters and a jitted `predict(params, images)` of
-    its argmax classes, for `evaluate_vit`."""
-    build, params = core.flatten_model(model)
-
-    @jax.jit
-    def predict(params, batch):
-        return jnp.argmax(build(params)(batch), axis=-1)
-
-    return params, predict
+    """`(state, predict)`: the model's state (`nnx.split`) and a jitted `predict(state,
+    images)` of its argmax classes, for `evaluate_vit`. `predict` is made once per model
+    configuration (`core.model_jit`, keyed on the graph definition), so models of one
+    configuration share it and its compilations."""
+    graphdef, state = nnx.split(model)
+    return state, core.model_jit(_argmax_classes, graphdef)
 
 
 def _size_name(size: int) -> str:
