@@ -268,3 +268,22 @@ def test_stop_at_then_resume_gives_the_same_losses(reference_run, tmp_path):
     second = train(_cfg(), tmp_path, progress=False)
     assert second["start_step"] == 4
     np.testing.assert_allclose(_losses(tmp_path), _losses(ref_dir), rtol=1e-6)
+
+
+def test_command_lines_restart_with_glibc_malloc_tuned_once():
+    """train/_runtime.py: the tunable is added to what GLIBC_TUNABLES holds, once, and can be
+    switched off."""
+    import platform
+    import sys
+
+    from train import _runtime
+
+    env = _runtime.tuned_environment({"PATH": "/bin"})
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        assert env is None
+        return
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and env["PATH"] == "/bin"
+    both = _runtime.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert both["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert _runtime.tuned_environment(env) is None  # already restarted: no loop
+    assert _runtime.tuned_environment({"JPE_MALLOC_TUNING": "0"}) is None

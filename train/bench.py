@@ -8,18 +8,20 @@ mark, VmHWM) is its own, and prints the peak and the time of one jitted call aft
 With `--dense`, a dense softmax(q k^T + bias) v with the full [H, L, L] ALiBi bias runs beside
 it for comparison at the lengths where it fits.
 
-    python train/bench.py train [--pe none,rope,alibi,t5,kerple,fire] [--steps 30] [--rounds 5]
+    python train/bench.py train [--pe none,rope,alibi,t5,kerple,fire] [--steps 10] [--rounds 7]
 
-`train` measures training steps per second at the reference configuration (batch 16, length
-128, d_model 128, 4 layers, 4 heads, vocab 256: the jitted step of `train/lm.py`, optimiser
-included) for each encoding, in one process, interleaving the encodings round by round so that
-a noisy machine slows them alike, and prints the median time per step and its ratio to `none`.
-If PyTorch and x-transformers are importable, the same configuration runs in x-transformers
-beside it.
+`train` measures the time of one training step at the reference configuration (batch 16,
+length 128, d_model 128, 4 layers, 4 heads, vocab 256, AdamW: the jitted step of
+`train/lm.py`) for each encoding, and the same model and step in x-transformers (PyTorch, CPU)
+for the encodings it has (none, rope, alibi, t5), all in one process. The libraries and
+encodings take turns round by round, so that a slow spell of a shared machine slows them
+alike, and each figure is the median of the rounds. It prints one table: milliseconds per
+step, the ratio to jpe's `none`, and jpe's time over x-transformers'. It needs the `bench`
+extra (`pip install -e ".[bench]"`: PyTorch's CPU build and x-transformers).
 
-The persistent compilation cache of the other command lines (`jpe.lab.cli.
-enable_compilation_cache`) is deliberately not turned on here: every measurement compiles
-cold, in a process that shares nothing on disk with earlier runs.
+Both commands restart themselves once with glibc's malloc tuned for XLA:CPU
+(`train/_runtime.py`; `JPE_MALLOC_TUNING=0` to measure without), so both libraries run under
+the same allocator settings.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def _peak_rss_mib() -> float:
@@ -111,14 +114,80 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
-def train(args) -> None:
+# x-transformers' options for the encodings it has (Wang's x-transformers, its README's names).
+X_TRANSFORMERS = {
+    "none": {},
+    "rope": {"rotary_pos_emb": True},
+    "alibi": {"alibi_pos_bias": True},
+    "t5": {"rel_pos_bias": True},
+}
+
+
+def _jpe_runner(args, pe, batches):
+    """One jitted jpe train step at the reference configuration; returns `run(n)`, which takes
+    n steps and waits for the last."""
     import jax
     import numpy as np
 
     import jpe
-    from jpe.lab import data as data_lib
     from jpe.lab import sharding
     from jpe.lab.train import TrainConfig, init_training
+
+    model = jpe.TransformerConfig(
+        pe=pe,
+        d_model=args.d_model,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        max_len=args.seq_len,
+    )
+    cfg = TrainConfig(model=model, batch_size=args.batch_size, seq_len=args.seq_len)
+    state = init_training(cfg, sharding.make_mesh(None), tuple(batches.batch(0)))
+    batch = jax.device_put(batches.batch(0), state.batch_shardings)
+    carry = [state.params, state.opt_state]
+
+    def run(n):
+        for i in range(n):
+            carry[0], carry[1], loss = state.step(*carry, batch, np.int32(i))
+        loss.block_until_ready()
+
+    return run
+
+
+def _x_transformers_runner(args, pe, batches):
+    """The same model and step in x-transformers (PyTorch, CPU): a pre-norm decoder of the same
+    width, depth and heads, AdamW, next-token cross-entropy on the same batch."""
+    import torch
+    from x_transformers import Decoder, TransformerWrapper
+
+    model = TransformerWrapper(
+        num_tokens=256,
+        max_seq_len=args.seq_len,
+        use_abs_pos_emb=False,
+        attn_layers=Decoder(
+            dim=args.d_model, depth=args.num_layers, heads=args.num_heads, **X_TRANSFORMERS[pe]
+        ),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    b = batches.batch(0)
+    x = torch.as_tensor(b["inputs"], dtype=torch.long)
+    y = torch.as_tensor(b["targets"], dtype=torch.long)
+
+    def run(n):
+        for _ in range(n):
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    return run
+
+
+def train(args) -> None:
+    import jax
+
+    import jpe
+    from jpe.lab import data as data_lib
 
     pes = [p for p in args.pe.split(",") if p] if args.pe != "all" else list(jpe.ENCODINGS)
     if "none" not in pes:
@@ -126,92 +195,71 @@ def train(args) -> None:
     for pe in pes:
         if pe not in jpe.ENCODINGS:
             raise SystemExit(f"error: unknown --pe {pe!r}; valid: {', '.join(jpe.ENCODINGS)}")
-    mesh = sharding.make_mesh(None)
+    if args.rounds < 1 or args.steps < 1:
+        raise SystemExit("error: --rounds and --steps must be >= 1")
+    try:
+        import torch
+        import x_transformers
+    except ImportError as e:
+        raise SystemExit(
+            f"error: the comparison needs the bench extra ({e}); install it with "
+            "pip install -e '.[bench]'"
+        ) from e
     tokens = data_lib.load_corpus(None).train
     batches = data_lib.Batches(tokens, batch_size=args.batch_size, seq_len=args.seq_len, seed=0)
-    runs = {}
+    runners = {}
     for pe in pes:
-        model = jpe.TransformerConfig(
-            pe=pe,
-            d_model=args.d_model,
-            num_layers=args.num_layers,
-            num_heads=args.num_heads,
-            max_len=args.seq_len,
-        )
-        cfg = TrainConfig(model=model, batch_size=args.batch_size, seq_len=args.seq_len)
-        run = init_training(cfg, mesh, tuple(batches.batch(0)))
-        batch = jax.device_put(batches.batch(0), run.batch_shardings)
-        state = [run.params, run.opt_state]
-        for i in range(3):  # compile and warm up
-            state[0], state[1], loss = run.step(*state, batch, np.int32(i))
-        loss.block_until_ready()
-        runs[pe] = (run, batch, state)
-    times = {pe: [] for pe in pes}
+        runners[("jpe", pe)] = _jpe_runner(args, pe, batches)
+        if pe in X_TRANSFORMERS:
+            runners[("x-transformers", pe)] = _x_transformers_runner(args, pe, batches)
+    for run in runners.values():  # compile (jpe) and warm up (both)
+        run(3)
+    # Round by round, every (library, encoding) in turn: a slow spell of a shared machine
+    # slows them alike, and the median of the rounds drops it.
+    times = {key: [] for key in runners}
     for _ in range(args.rounds):
-        for pe in pes:
-            run, batch, state = runs[pe]
+        for key, run in runners.items():
             start = time.perf_counter()
-            for i in range(args.steps):
-                state[0], state[1], loss = run.step(*state, batch, np.int32(i))
-            loss.block_until_ready()
-            times[pe].append((time.perf_counter() - start) / args.steps)
-    tokens = args.batch_size * args.seq_len
+            run(args.steps)
+            times[key].append((time.perf_counter() - start) / args.steps)
+    med = {key: _median(t) for key, t in times.items()}
+    spread = {key: (min(t), max(t)) for key, t in times.items()}
+    tokens_per_step = args.batch_size * args.seq_len
     print(
         f"training step, batch {args.batch_size} x length {args.seq_len}, d_model "
-        f"{args.d_model}, {args.num_layers} layers, {args.num_heads} heads, vocab 256; "
-        f"median of {args.rounds} rounds of {args.steps} steps; {os.cpu_count()} CPU cores, "
-        f"jax {jax.__version__} on {_backend()}"
+        f"{args.d_model}, {args.num_layers} layers, {args.num_heads} heads, vocab 256, AdamW; "
+        f"median of {args.rounds} interleaved rounds of {args.steps} steps; "
+        f"{os.cpu_count()} CPU cores; jax {jax.__version__} on {_backend()}, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads), x-transformers "
+        f"{getattr(x_transformers, '__version__', _version('x-transformers'))}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
     )
-    print(f"{'pe':>12} {'ms/step':>8} {'tokens/s':>9} {'vs none':>8}")
-    base = _median(times["none"])
+    print(
+        f"{'pe':>12} {'jpe ms':>7} {'(min-max)':>13} {'tokens/s':>9} {'vs none':>8} "
+        f"{'x-t ms':>7} {'(min-max)':>13} {'jpe / x-t':>10}"
+    )
+    base = med[("jpe", "none")]
     for pe in pes:
-        t = _median(times[pe])
-        print(f"{pe:>12} {1e3 * t:>8.1f} {tokens / t:>9,.0f} {t / base:>7.2f}x")
-    _x_transformers(args, pes, base)
-
-
-def _x_transformers(args, pes, base) -> None:
-    try:
-        import torch  # noqa: F401
-        import x_transformers  # noqa: F401
-    except ImportError:
-        print("x-transformers: not installed (pip install torch x-transformers to compare)")
-        return
-    import torch
-    from x_transformers import Decoder, TransformerWrapper
-
-    options = {"none": {}, "rope": {"rotary_pos_emb": True}, "alibi": {"alibi_pos_bias": True},
-               "t5": {"rel_pos_bias": True}}  # fmt: skip
-    print(f"{'x-transformers':>12} {'ms/step':>8} {'tokens/s':>9} {'vs jpe none':>12}")
-    for pe in pes:
-        if pe not in options:
-            continue
-        model = TransformerWrapper(
-            num_tokens=256,
-            max_seq_len=args.seq_len,
-            use_abs_pos_emb=False,
-            attn_layers=Decoder(
-                dim=args.d_model, depth=args.num_layers, heads=args.num_heads, **options[pe]
-            ),
+        t = med[("jpe", pe)]
+        lo, hi = spread[("jpe", pe)]
+        row = (
+            f"{pe:>12} {1e3 * t:>7.1f} {f'({1e3 * lo:.0f}-{1e3 * hi:.0f})':>13} "
+            f"{tokens_per_step / t:>9,.0f} {t / base:>7.2f}x"
         )
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x = torch.randint(0, 256, (args.batch_size, args.seq_len + 1))
-        samples = []
-        for r in range(args.rounds + 1):
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                logits = model(x[:, :-1])
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, 256), x[:, 1:].reshape(-1)
-                )
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            if r:  # the first round warms up
-                samples.append((time.perf_counter() - start) / args.steps)
-        t = _median(samples)
-        tokens = args.batch_size * args.seq_len
-        print(f"{pe:>12} {1e3 * t:>8.1f} {tokens / t:>9,.0f} {t / base:>11.2f}x")
+        if ("x-transformers", pe) in med:
+            x = med[("x-transformers", pe)]
+            xlo, xhi = spread[("x-transformers", pe)]
+            row += f" {1e3 * x:>7.1f} {f'({1e3 * xlo:.0f}-{1e3 * xhi:.0f})':>13} {t / x:>9.2f}x"
+        print(row)
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 def _backend() -> str:
@@ -235,8 +283,8 @@ def main(argv=None) -> None:
     p.add_argument("--dense", action="store_true", help="also run dense attention")
     p = sub.add_parser("train", help="training steps per second for each encoding")
     p.add_argument("--pe", default="none,rope,alibi,t5,kerple,fire", help="list, or 'all'")
-    p.add_argument("--steps", type=int, default=30, help="steps per timed round")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--d-model", type=int, default=128)
@@ -247,4 +295,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from train._runtime import restart_with_tuned_malloc
+
+    restart_with_tuned_malloc()  # glibc's malloc, tuned for XLA:CPU (train/_runtime.py)
     main()
