@@ -402,3 +402,16 @@ def test_gradients_of_inputs_and_bias_parameters_match_dense(block_size, causal,
     for name, a, b_ in zip(("q", "k", "v", "table", "proj"), g1, g2, strict=True):
         np.testing.assert_allclose(a, b_, atol=2e-4, rtol=2e-4, err_msg=name)
     assert np.abs(np.asarray(g1[3])).sum() > 0 and np.abs(np.asarray(g1[4])).sum() > 0
+
+
+def test_materialized_passes_values_and_gradients_through():
+    """`jpe._fusion.materialized` is the identity, NaN included, in value and gradient."""
+    from jpe._fusion import materialized
+
+    x = jnp.array([[1.0, jnp.nan], [2.0, -3.0]])
+    y = materialized({"a": x, "b": x[0]})
+    np.testing.assert_array_equal(y["a"], x)
+    np.testing.assert_array_equal(materialized(x[::-1]), x[::-1])  # NaN first: other branch
+    g = jax.grad(lambda t: (materialized(t) ** 2).sum())(jnp.array([1.0, 2.0]))
+    np.testing.assert_allclose(g, [2.0, 4.0])
+    assert materialized([]) == []
