@@ -305,7 +305,8 @@ def seconds_markdown(details: dict) -> list[str]:
 
 def read_tables(text: str) -> dict[str, dict[str, dict[str, float]]]:
     """The tables of a `results.md` written by `markdown`, back as numbers:
-    `{title: {spec: {size: mean}}}` (the min–max range of several seeds is dropped)."""
+    `{title: {spec: {size: mean}}}` (the spread over several seeds is dropped). Tables
+    that are not numbers by size (the plateau check's) are left out."""
     tables, title, sizes = {}, None, None
     for line in text.splitlines():
         if line.startswith("### "):
@@ -315,10 +316,13 @@ def read_tables(text: str) -> dict[str, dict[str, dict[str, float]]]:
             sizes = [cell.strip().split(" ")[0] for cell in line.strip("|").split("|")[1:]]
         elif title is not None and sizes and line.startswith("| ") and not line.startswith("|---"):
             cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-            row = {}
-            for size, cell in zip(sizes, cells[1:], strict=True):
-                if cell:
-                    row[size] = float(cell.split(" ")[0])
+            try:
+                pairs = zip(sizes, cells[1:], strict=True)
+                row = {size: float(cell.split(" ")[0]) for size, cell in pairs if cell}
+            except ValueError:
+                tables.pop(title)
+                title = None
+                continue
             tables[title][cells[0]] = row
     return tables
 
