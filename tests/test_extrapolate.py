@@ -220,6 +220,7 @@ def test_scaled_rope_config():
 def test_flags_take_their_defaults_from_the_lab_config():
     default = lab_lib.LabConfig().pes  # every 1-D encoding; 2-D ones are the vision lab's
     assert "floater" in default and "alibi" in default and "rope-2d" not in default
+    assert lab_lib.LabConfig().seeds == (0, 1, 2), "the README's run: mean and spread"
     lab = cli.build_lab(cli.parser().parse_args(["--pe=alibi"]))
     assert lab == lab_lib.LabConfig(pes=("alibi",))
     assert lab.warmup == lab.steps // 10

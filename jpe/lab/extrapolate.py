@@ -1,8 +1,9 @@
 """The length-extrapolation lab: train short, evaluate long, draw the result.
 
-`run(LabConfig(...), workdir)` trains one byte-level decoder per encoding (and seed) on the same
-data, budget and training length with `jpe.lab.train.train` (so every run checkpoints and
-resumes), evaluates each at every evaluation length, and writes to `workdir`:
+`run(LabConfig(...), workdir)` trains one byte-level decoder per encoding (and seed; three by
+default) on the same data, budget and training length with `jpe.lab.train.train` (so every run
+checkpoints and resumes), measuring its 1x validation perplexity as it trains, evaluates each
+at every evaluation length, and writes to `workdir`:
 
 - `results.json`: `{pe: {length: ppl}}`, non-overlapping windows, mean over seeds;
 - `details.json`: everything: per seed, sliding windows, the loss at each position, the 1x
@@ -119,6 +120,9 @@ class LabConfig:
         is measured every 10% of the steps and at 80% and 100% (`curve_steps`), for the
         plateau check: a run passes when its 1x perplexity improved by at most 2% over the
         last 20% of the steps (`report.plateau`).
+
+    The defaults are the README's run: every encoding, 300 steps of batch 16 at length 64,
+    three seeds (0, 1, 2), so that each cell is a mean with its spread.
     """
 
     pes: tuple[str, ...] = ()
@@ -133,7 +137,7 @@ class LabConfig:
     eval_lengths: tuple[int, ...] = ()
     stride: int | None = None
     eval_tokens: int = 1 << 18
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)
     rope_scalings: tuple[str, ...] = ROPE_SCALINGS
     random_positions: int | None = None
     data: str | None = None
