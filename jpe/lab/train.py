@@ -282,8 +282,14 @@ def train(
         "val_compile": round(val_timings.compile_seconds, 3),
         "val_run": round(val_timings.run_seconds, 3),
     }
-    return {"start_step": start, "losses": losses, "eval": report, "model": model,
-            "val_curve": val_curve(metrics_path), "seconds": seconds}  # fmt: skip
+    return {
+        "start_step": start,
+        "losses": losses,
+        "eval": report,
+        "model": model,
+        "val_curve": val_curve(metrics_path),
+        "seconds": seconds,
+    }
 
 
 def val_curve(metrics_path: Path) -> list[list[float]]:
