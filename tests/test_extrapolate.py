@@ -75,6 +75,84 @@ def test_compile_and_run_seconds_per_run(lab_run):
     assert f"### {lab_lib.report.SECONDS_TITLE}" in md and "| eval_compile |" in md
 
 
+def test_mean_and_spread_with_two_seeds(lab_run):
+    """With several seeds, each cell is the mean ± half the min–max range, as captioned."""
+    details = json.loads((lab_run / "details.json").read_text())
+    md = (lab_run / "results.md").read_text()
+    assert "Cells: mean over the 2 seeds ± half their min–max range." in md
+    values = [details["runs"]["alibi"][s]["ppl"]["32"] for s in ("0", "1")]
+    cell = f"{np.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
+    row = next(ln for ln in md.splitlines() if ln.startswith("| alibi |"))
+    assert row.split("|")[3].strip() == cell
+
+
+def test_1x_curve_is_recorded_at_the_expected_steps(lab_run):
+    """Each trained run keeps its 1x validation perplexity at every 10% of the steps and at
+    80% and 100% (here, 3 steps: 1, 2 and 3); the rope scalings, not trained, have none."""
+    assert lab_lib.curve_steps(300) == tuple(range(30, 301, 30))
+    assert lab_lib.curve_steps(3) == (1, 2, 3)
+    assert lab_lib.report.plateau_start(300) == 240 and 240 in lab_lib.curve_steps(300)
+    assert lab_lib.report.plateau_start(25) in lab_lib.curve_steps(25)
+    details = json.loads((lab_run / "details.json").read_text())
+    for spec in ("alibi", "rope", "sinusoidal+randomized"):
+        for seed in ("0", "1"):
+            curve = details["runs"][spec][seed]["ppl_1x_curve"]
+            assert [step for step, _ in curve] == [1, 2, 3], (spec, seed)
+            assert all(1.0 < ppl < 1e4 for _, ppl in curve), (spec, seed)
+            seconds = details["runs"][spec][seed]["seconds"]
+            assert seconds["train"] > 0 and seconds["val_1x"] > 0
+    assert "ppl_1x_curve" not in details["runs"]["rope+linear"]["0"]
+    # a second seed of one configuration runs its own weights through the same forward
+    alibi = details["runs"]["alibi"]
+    assert alibi["0"]["ppl_1x_curve"] != alibi["1"]["ppl_1x_curve"]
+    metrics = (lab_run / "runs" / "alibi-seed0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in metrics if "val_ppl" in ln] == [1, 2, 3]
+
+
+def test_results_md_has_the_plateau_table(lab_run):
+    md = (lab_run / "results.md").read_text()
+    title = f"### {lab_lib.report.PLATEAU_TITLE}"
+    assert title in md
+    section = md[md.index(title) :].split("\n### ")[0]
+    assert "| pe | seed 0 | seed 1 | worst | check |" in section
+    for spec in ("alibi", "rope", "sinusoidal+randomized"):
+        assert f"| {spec} |" in section
+    assert "| rope+linear |" not in section, "the scalings are not trained"
+    assert "runs pass" in section or "runs fail" in section
+    assert lab_lib.report.PLATEAU_TITLE not in lab_lib.report.read_tables(md)
+
+
+def _synthetic(curves: dict) -> dict:
+    runs = {
+        spec: {seed: {"ppl_1x_curve": c} for seed, c in by.items()} for spec, by in curves.items()
+    }
+    runs["rope+linear"] = {"0": {"ppl": {"64": 5.0}}}
+    return {"config": {"seeds": [0, 1]}, "runs": runs}
+
+
+def test_plateau_check_from_a_synthetic_details_dict():
+    check = lab_lib.report.Plateau("ppl_1x_curve", "1x validation perplexity")
+    details = _synthetic(
+        {
+            "flat": {"0": [[30, 9.0], [240, 5.0], [300, 4.95]], "1": [[240, 4.0], [300, 4.0]]},
+            # no point at 240 exactly: the last one before it (200) stands in
+            "steep": {"0": [[200, 5.0], [250, 4.5], [300, 4.8]], "1": [[240, 5.0], [300, 4.8]]},
+        }
+    )
+    gains = lab_lib.report.plateau(details, check)
+    assert set(gains) == {"flat", "steep"}, "runs without a curve are left out"
+    assert gains["flat"]["0"] == pytest.approx(0.01) and gains["flat"]["1"] == 0.0
+    assert gains["steep"]["0"] == pytest.approx(0.04) and gains["steep"]["1"] == pytest.approx(0.04)
+    lines = lab_lib.report.plateau_markdown(details, check)
+    text = "\n".join(lines)
+    assert "| flat | +1.00% | +0.00% | +1.00% | pass |" in text
+    assert "| steep | +4.00% | +4.00% | +4.00% | FAIL |" in text
+    assert "2 of 4 runs fail" in text and "steep (seed 0: +4.00%)" in text
+    passing = _synthetic({"flat": {"0": [[240, 5.0], [300, 4.95]]}})
+    assert "All 1 runs pass" in "\n".join(lab_lib.report.plateau_markdown(passing, check))
+    assert lab_lib.report.plateau_markdown({"runs": {"a": {"0": {}}}}, check) == []
+
+
 def test_add_to_puts_new_encodings_beside_an_earlier_lab(lab_run, tmp_path):
     earlier = tmp_path / "earlier"
     earlier.mkdir()
@@ -142,6 +220,7 @@ def test_scaled_rope_config():
 def test_flags_take_their_defaults_from_the_lab_config():
     default = lab_lib.LabConfig().pes  # every 1-D encoding; 2-D ones are the vision lab's
     assert "floater" in default and "alibi" in default and "rope-2d" not in default
+    assert lab_lib.LabConfig().seeds == (0, 1, 2), "the README's run: mean and spread"
     lab = cli.build_lab(cli.parser().parse_args(["--pe=alibi"]))
     assert lab == lab_lib.LabConfig(pes=("alibi",))
     assert lab.warmup == lab.steps // 10

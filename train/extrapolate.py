@@ -1,12 +1,16 @@
 """The length-extrapolation lab: train each encoding short, evaluate it long, draw the result.
 
-    python train/extrapolate.py                       # every registered encoding
-    python train/extrapolate.py --pe=alibi,rope,sinusoidal,rope+randomized --seeds=0,1,2
+    python train/extrapolate.py                       # every registered encoding, seeds 0,1,2
+    python train/extrapolate.py --pe=alibi,rope,sinusoidal,rope+randomized --seeds=0
 
-trains a byte-level decoder per encoding (and seed) on the built-in corpus at --seq-len with
-the same budget, evaluates each at --eval-lengths (default 1x to 32x the training length), and
-a trained `rope` also with evaluation-time context extensions (--rope-scaling). Writes
-WORKDIR/results.json ({pe: {length: ppl}}), results.md, details.json, extrapolation.png and
+trains a byte-level decoder per encoding and seed (default --seeds=0,1,2) on the built-in
+corpus at --seq-len with the same budget, evaluates each at --eval-lengths (default 1x to 32x
+the training length), and a trained `rope` also with evaluation-time context extensions
+(--rope-scaling). While training, each run's 1x validation perplexity is measured on a fixed
+subset (--val-windows windows) every 10% of the steps; results.md reports whether any run was
+still improving by more than 2% over its last 20% of steps (undertrained). Writes
+WORKDIR/results.json ({pe: {length: ppl}}, mean over seeds), results.md (mean ± half the
+min–max range over seeds), details.json (with each run's "ppl_1x_curve"), extrapolation.png and
 position_loss.png (default WORKDIR: runs/extrapolate). Runs checkpoint and resume: run the same
 command again and finished encodings are only re-evaluated.
 

@@ -11,8 +11,9 @@ and those still to come) builds on these pieces rather than on copies of them:
 - `init_state`: parameters and optimiser state, laid out on a device mesh when one is given;
 - `Checkpoints`: Orbax checkpoints of the state plus JSON metadata, with a refusal to resume
   a run of another configuration;
-- `fit`: the loop, with a progress bar, metrics lines, periodic checkpoints and one stop on a
-  non-finite loss (`NonFiniteLossError`);
+- `fit`: the loop, with a progress bar, metrics lines, periodic checkpoints, an optional
+  evaluation at chosen steps (`eval_steps`, `eval_fn`) and one stop on a non-finite loss
+  (`NonFiniteLossError`);
 - `model_jit` / `run_compiled`: evaluation functions jitted once per model configuration
   (keyed on the `nnx` graph definition, the weights an argument) and compiled ahead of time
   once per argument shape, kept at module level, so that every seed, length and mode of a lab
@@ -27,7 +28,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -498,6 +499,8 @@ def fit(
     metrics_path: Path | None = None,
     progress: bool = True,
     desc: str | None = None,
+    eval_steps: Collection[int] = (),
+    eval_fn: Callable[[dict], Mapping[str, float]] | None = None,
 ) -> tuple[dict, Any, list[dict]]:
     """Runs the train step from `start` to `end` (default `steps`); returns `(params,
     opt_state, records)`.
@@ -507,7 +510,15 @@ def fit(
     record `{"step", "loss", "lr"[, "tokens_per_s"]}` is kept, appended to `metrics_path`
     (one JSON object a line) and shown on the progress bar. With `checkpoints`, the state is
     saved every `checkpoint_every` steps and at `end`, with `checkpoint_meta(step)`.
+
+    With `eval_fn`, after each step in `eval_steps` (counted from 1, as the records are)
+    `eval_fn(params)` is called and the metrics it returns (e.g. `{"val_ppl": 4.1}`) join
+    that step's record, which is then always written. The time it takes is left out of
+    `tokens_per_s`. It should be cheap (a small, fixed validation subset through a forward
+    pass compiled once: `model_jit` and `run_compiled`) and must be done with `params`
+    before it returns, as the next step donates them.
     """
+    eval_steps = frozenset(eval_steps) if eval_fn is not None else frozenset()
     params, opt_state = state.params, state.opt_state
     end = steps if end is None else end
     bar = progress_bar(steps, start, enabled=progress, desc=desc)
@@ -522,7 +533,8 @@ def fit(
             params, opt_state, loss = state.step(params, opt_state, batch, np.int32(step))
             done = step + 1
             save = checkpoints is not None and (done % checkpoint_every == 0 or done == end)
-            if done % log_every == 0 or save or done == end:
+            evaluate = done in eval_steps
+            if done % log_every == 0 or save or done == end or evaluate:
                 if checkpoints is not None and not math.isfinite(float(loss)):
                     checkpoints.wait()
                     hint = (
@@ -539,6 +551,12 @@ def fit(
                     rate = tokens_per_step * (done - last_step) / max(now - last_time, 1e-9)
                     last_time, last_step = now, done
                     record["tokens_per_s"] = rate
+                extra = {}
+                if evaluate:
+                    began = time.perf_counter()
+                    extra = {k: float(v) for k, v in eval_fn(params).items()}
+                    record.update(extra)
+                    last_time += time.perf_counter() - began  # not training throughput
                 records.append(record)
                 if metrics is not None and jax.process_index() == 0:
                     metrics.write(json.dumps(record) + "\n")
@@ -547,6 +565,7 @@ def fit(
                     shown = {"loss": f"{value:.3f}"}
                     if "tokens_per_s" in record:
                         shown["tok_s"] = f"{record['tokens_per_s']:,.0f}"
+                    shown.update({k: f"{v:.3f}" for k, v in extra.items()})
                     bar.set_postfix(shown)
             if save:
                 checkpoints.save(done, params, opt_state, checkpoint_meta(done))

@@ -1,15 +1,22 @@
 """The length-extrapolation lab: train short, evaluate long, draw the result.
 
-`run(LabConfig(...), workdir)` trains one byte-level decoder per encoding (and seed) on the same
-data, budget and training length with `jpe.lab.train.train` (so every run checkpoints and
-resumes), evaluates each at every evaluation length, and writes to `workdir`:
+`run(LabConfig(...), workdir)` trains one byte-level decoder per encoding (and seed; three by
+default) on the same data, budget and training length with `jpe.lab.train.train` (so every run
+checkpoints and resumes), measuring its 1x validation perplexity as it trains, evaluates each
+at every evaluation length, and writes to `workdir`:
 
 - `results.json`: `{pe: {length: ppl}}`, non-overlapping windows, mean over seeds;
-- `details.json`: everything: per seed, sliding windows, the loss at each position, the
-  seconds (`{"wall", "eval_compile", "eval_run", "eval_compiles"}`: the run's wall time, and
-  its evaluation's compile and run seconds, timed apart), the configuration, the machine and
-  the command;
-- `results.md`: the same numbers as Markdown tables, and a table of those seconds per
+- `details.json`: everything: per seed, sliding windows, the loss at each position, the 1x
+  validation perplexity during training (`"ppl_1x_curve": [[step, ppl], ...]`, every 10% of
+  the steps and at 80% and 100%, on a fixed subset of `val_windows` windows), the seconds
+  (`{"wall", "train", "val_1x", "eval_compile", "eval_run", "eval_compiles"}`: the run's
+  wall time, its training loop without and its periodic 1x validation, and its final
+  evaluation's compile and run seconds, timed apart), the configuration, the machine and the
+  command;
+- `results.md`: the same numbers as Markdown tables (mean ± half the min–max range over
+  seeds, when there are several), the plateau check ("Is 1x still improving?": each run's
+  relative 1x improvement over its last 20% of steps, which passes at <= 2%, so that no
+  encoding is compared while still undertrained), and a table of those seconds per
   encoding;
 - `extrapolation.png`: perplexity against evaluation length (log-log), one line per encoding,
   the spread over seeds shaded, the training length marked; one panel per evaluation mode;
@@ -108,6 +115,14 @@ class LabConfig:
       random_positions: the range [0, N) randomized positions are drawn from (default: the
         longest evaluation length, as Ruoss et al. draw from the test range).
       data: None for the built-in corpus, or a file, folder or `hf:NAME[:CONFIG]`.
+      val_windows: the fixed validation subset (that many non-overlapping windows of
+        seq_len, evenly spaced, the same at every point) on which each run's 1x perplexity
+        is measured every 10% of the steps and at 80% and 100% (`curve_steps`), for the
+        plateau check: a run passes when its 1x perplexity improved by at most 2% over the
+        last 20% of the steps (`report.plateau`).
+
+    The defaults are the README's run: every encoding, 300 steps of batch 16 at length 64,
+    three seeds (0, 1, 2), so that each cell is a mean with its spread.
     """
 
     pes: tuple[str, ...] = ()
@@ -122,10 +137,11 @@ class LabConfig:
     eval_lengths: tuple[int, ...] = ()
     stride: int | None = None
     eval_tokens: int = 1 << 18
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)
     rope_scalings: tuple[str, ...] = ROPE_SCALINGS
     random_positions: int | None = None
     data: str | None = None
+    val_windows: int = 64
 
     def __post_init__(self):
 
@@ -135,7 +151,8 @@ class LabConfig:
             parse_pe(spec)
         if len(set(self.pes)) != len(self.pes):
             raise ValueError(f"pes: each encoding once, got {self.pes}")
-        for name in ("seq_len", "steps", "batch_size", "d_model", "num_layers", "num_heads"):
+        for name in ("seq_len", "steps", "batch_size", "d_model", "num_layers", "num_heads",
+                     "val_windows"):  # fmt: skip
             _checks.positive_int(name, getattr(self, name))
         if self.warmup is None:
             set_("warmup", max(1, self.steps // 10))
@@ -198,7 +215,17 @@ def _train_config(lab: LabConfig, spec: str, seed: int):
         eval_lengths=lab.eval_lengths,
         eval_stride=lab.stride,
         eval_tokens=lab.eval_tokens,
+        val_steps=curve_steps(lab.steps),
+        val_windows=lab.val_windows,
     )
+
+
+def curve_steps(steps: int) -> tuple[int, ...]:
+    """The steps at which the lab measures the 1x validation perplexity: every 10% of
+    `steps` (rounded, at least step 1), the 80% point (`report.plateau_start`) and the end
+    exactly."""
+    points = {max(1, round(steps * k / 10)) for k in range(1, 11)}
+    return tuple(sorted(points | {report.plateau_start(steps), steps}))
 
 
 def scaled_rope_config(config, kind: str, length: int, seq_len: int):
@@ -292,12 +319,17 @@ def run(lab: LabConfig, workdir: str | os.PathLike, *, progress: bool = True, lo
         began = time.perf_counter()
         result = train(cfg, workdir / "runs" / f"{name}-seed{seed}", progress=progress)
         evaluation = result["eval"]
+        seconds = _seconds(time.perf_counter() - began, [evaluation["timings"]])
+        fit = result["seconds"]
+        seconds["train"] = round(fit["fit"] - fit["val_compile"] - fit["val_run"], 2)
+        seconds["val_1x"] = round(fit["val_compile"] + fit["val_run"], 3)
         runs.setdefault(spec, {})[seed] = {
             "ppl": evaluation["ppl"],
             "ppl_sliding": evaluation.get("ppl_sliding", {}),
             "loss_by_position": evaluation["loss_by_position"][str(max(lab.eval_lengths))],
             "final_train_loss": result["losses"][-1]["loss"] if result["losses"] else None,
-            "seconds": _seconds(time.perf_counter() - began, [evaluation["timings"]]),
+            "ppl_1x_curve": result["val_curve"],
+            "seconds": seconds,
         }
         if spec == "rope" and lab.rope_scalings:
             log(f"      rope scalings at evaluation: {', '.join(lab.rope_scalings)}")
@@ -345,6 +377,7 @@ def _lm_spec(details: dict) -> report.ReportSpec:
             f"seeds {', '.join(map(str, cfg['seeds']))}"
         ),
         log=True,
+        plateau=report.Plateau("ppl_1x_curve", f"1x ({seq_len}-token) validation perplexity"),
     )
 
 

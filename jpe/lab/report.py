@@ -11,8 +11,9 @@ grid of patches) to a value. `write(details, workdir, spec)` turns it into
 
 - `results.json`: `{spec: {length: value}}` of the first metric, mean over seeds;
 - `details.json`: `details` as it is;
-- `results.md`: a paragraph on the run, then one table per metric (mean and, over several
-  seeds, the min–max range);
+- `results.md`: a paragraph on the run, then one table per metric (the mean and, over
+  several seeds, ± half the min–max range), and, when the spec asks for it, the plateau
+  check of each run's training curve (`plateau`);
 - a figure, one panel per plotted metric, with one line per spec (variants share their base's
   colour), the spread over seeds shaded and the training size marked.
 """
@@ -31,12 +32,16 @@ import numpy as np
 
 __all__ = [
     "Metric",
+    "Plateau",
     "ReportSpec",
     "aggregate",
     "command_line",
     "details",
     "machine",
     "markdown",
+    "plateau",
+    "plateau_markdown",
+    "plateau_start",
     "read_tables",
     "seconds_markdown",
     "write",
@@ -56,6 +61,19 @@ class Metric:
 
 
 @dataclasses.dataclass(frozen=True)
+class Plateau:
+    """The check that a run had stopped improving: each run's `key` holds a curve
+    `[[step, value], ...]` of a lower-is-better metric (`what`, for the caption) measured
+    during training; the run passes when the value improved by at most `tolerance`
+    (relative) over the last `1 - start` of its steps (`plateau`)."""
+
+    key: str
+    what: str
+    start: float = 0.8
+    tolerance: float = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
 class ReportSpec:
     """How a lab's details are written.
 
@@ -68,6 +86,7 @@ class ReportSpec:
       figure: the figure's file name; `title` its title.
       log: log scales (base-2 x, log y), as for perplexity against length.
       y_range: fixed y limits (accuracies), or None.
+      plateau: the training-curve check to report (`Plateau`), or None.
     """
 
     metrics: tuple[Metric, ...]
@@ -79,6 +98,7 @@ class ReportSpec:
     title: str
     log: bool = False
     y_range: tuple[float, float] | None = None
+    plateau: Plateau | None = None
 
 
 def machine() -> str:
@@ -127,19 +147,26 @@ def aggregate(details: dict, key: str) -> dict[str, dict[str, tuple[float, float
 
 
 def _fmt(cell: tuple[float, float, float], seeds: int) -> str:
+    """`mean`, and with several seeds `mean ± half the min–max range` ("4.07 ± 0.05")."""
     mean, lo, hi = cell
     text = f"{mean:.2f}" if mean < 1000 else f"{mean:.3g}"
     if seeds > 1:
-        text += f" ({lo:.2f}–{hi:.2f})" if hi < 1000 else f" ({lo:.3g}–{hi:.3g})"
+        spread = (hi - lo) / 2
+        text += f" ± {spread:.2f}" if mean < 1000 else f" ± {spread:.2g}"
     return text
 
 
+#: the caption of the tables of several seeds
+SPREAD_CAPTION = "Cells: mean over the {seeds} seeds ± half their min–max range."
+
+
 def markdown(details: dict, spec: ReportSpec) -> str:
-    """The summary paragraph and one table per metric."""
+    """The summary paragraph, one table per metric, the plateau check (`spec.plateau`) and
+    the seconds."""
     seeds = len(details["config"]["seeds"])
     lines = [spec.summary, ""]
     if seeds > 1:
-        lines += ["Cells: mean over seeds (min–max).", ""]
+        lines += [SPREAD_CAPTION.format(seeds=seeds), ""]
     for metric in spec.metrics:
         agg = aggregate(details, metric.key)
         sizes = sorted({int(k) for by_size in agg.values() for k in by_size})
@@ -151,18 +178,94 @@ def markdown(details: dict, spec: ReportSpec) -> str:
             cells = [_fmt(by_size[str(n)], seeds) if str(n) in by_size else "" for n in sizes]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    if spec.plateau is not None:
+        lines += plateau_markdown(details, spec.plateau)
     return "\n".join(lines + seconds_markdown(details))
+
+
+def plateau_start(steps: int, start: float = 0.8) -> int:
+    """The step where the last `1 - start` of `steps` begins (at least 1): 240 of 300."""
+    return max(1, round(steps * start))
+
+
+def plateau(details: dict, check: Plateau) -> dict[str, dict[str, float]]:
+    """{spec: {seed: improvement}} for the runs with a curve at `check.key`: improvement =
+    (value at `plateau_start` - value at the end) / value at `plateau_start`, the relative
+    gain over the last `1 - check.start` of the steps (the curve's last point at or before
+    that step stands in when it has none exactly there). Positive: still improving; the run
+    passes when it is <= `check.tolerance`."""
+    out = {}
+    for spec, by_seed in details["runs"].items():
+        for seed, run in by_seed.items():
+            curve = run.get(check.key)
+            if not curve:
+                continue
+            last_step, end = curve[-1]
+            begin = plateau_start(int(last_step), check.start)
+            before = [value for step, value in curve if step <= begin]
+            if not before:
+                continue
+            out.setdefault(spec, {})[seed] = (before[-1] - end) / before[-1]
+    return out
+
+
+#: the title of the plateau check's table in `results.md`
+PLATEAU_TITLE = "Is 1x still improving? (last 20% of steps)"
+
+
+def plateau_markdown(details: dict, check: Plateau) -> list[str]:
+    """The lines of the plateau check's table: each spec's improvement per seed, the worst,
+    and pass or FAIL; then a one-line verdict. [] when no run has a curve."""
+    gains = plateau(details, check)
+    if not gains:
+        return []
+    seeds = sorted({s for by_seed in gains.values() for s in by_seed}, key=int)
+    tail = round(100 * (1 - check.start))
+    title = PLATEAU_TITLE if tail == 20 else f"Is 1x still improving? (last {tail}% of steps)"
+    lines = [
+        f"### {title}",
+        "",
+        f"Relative improvement of the {check.what}, measured on a fixed validation subset "
+        f"during training, from {100 * check.start:.0f}% of the steps to the end: (ppl at "
+        f"{100 * check.start:.0f}% − ppl at the end) / ppl at {100 * check.start:.0f}%. A run "
+        f"passes at ≤ {100 * check.tolerance:g}%: it has stopped improving, so it is not "
+        "compared while still undertrained.",
+        "",
+        "| pe | " + " | ".join(f"seed {s}" for s in seeds) + " | worst | check |",
+        "|---|" + "---:|" * (len(seeds) + 1) + "---|",
+    ]
+    failed = []
+    for name, by_seed in gains.items():
+        worst = max(by_seed.values())
+        cells = [f"{100 * by_seed[s]:+.2f}%" if s in by_seed else "" for s in seeds]
+        ok = worst <= check.tolerance
+        row = [name, *cells, f"{100 * worst:+.2f}%", "pass" if ok else "FAIL"]
+        lines.append("| " + " | ".join(row) + " |")
+        failed += [
+            f"{name} (seed {s}: {100 * g:+.2f}%)" for s, g in by_seed.items() if g > check.tolerance
+        ]
+    runs = sum(len(by_seed) for by_seed in gains.values())
+    verdict = (
+        f"All {runs} runs pass: none improved by more than {100 * check.tolerance:g}% over "
+        f"the last {tail}% of its steps."
+        if not failed
+        else f"{len(failed)} of {runs} runs fail (still improving by more than "
+        f"{100 * check.tolerance:g}% over the last {tail}% of their steps): "
+        + ", ".join(failed)
+        + "."
+    )
+    return [*lines, "", verdict, ""]
 
 
 #: the title of the table of seconds in `results.md`
 SECONDS_TITLE = "Seconds per encoding (summed over seeds)"
-_SECONDS = ("wall", "eval_compile", "eval_run", "eval_compiles")
+_SECONDS = ("wall", "train", "val_1x", "eval_compile", "eval_run", "eval_compiles")
 
 
 def seconds_markdown(details: dict) -> list[str]:
-    """The lines of a table of each spec's `seconds` record (`{"wall", "eval_compile",
-    "eval_run", "eval_compiles"}`, summed over seeds), for the runs that have one; [] when
-    none has."""
+    """The lines of a table of each spec's `seconds` record (`{"wall", "train", "val_1x",
+    "eval_compile", "eval_run", "eval_compiles"}`, summed over seeds; a key a record lacks
+    counts 0), for the runs that have one; [] when none has."""
     rows = {}
     for name, by_seed in details["runs"].items():
         records = [r["seconds"] for r in by_seed.values() if r.get("seconds")]
@@ -173,7 +276,9 @@ def seconds_markdown(details: dict) -> list[str]:
     lines = [
         f"### {SECONDS_TITLE}",
         "",
-        "`wall`: training (what was left of it, when resumed) and evaluation; `eval_compile`: "
+        "`wall`: training (what was left of it, when resumed) and evaluation; `train`: the "
+        "training loop without its periodic 1x validation; `val_1x`: that validation "
+        "(compiling and running); `eval_compile`: "
         "compiling the evaluation's executables, or loading them from the persistent "
         "compilation cache (timed apart, ahead of time; 0 when an earlier model of the same "
         "configuration and shapes in this process compiled them); `eval_run`: running them; "
@@ -182,13 +287,17 @@ def seconds_markdown(details: dict) -> list[str]:
         "| pe | " + " | ".join(_SECONDS) + " |",
         "|---|" + "---:|" * len(_SECONDS),
     ]
-    for name, (wall, compile_s, run_s, compiles) in rows.items():
-        lines.append(f"| {name} | {wall:.1f} | {compile_s:.2f} | {run_s:.2f} | {compiles} |")
-    totals = [sum(row[i] for row in rows.values()) for i in range(3)]
+    for name, (wall, train, val, compile_s, run_s, compiles) in rows.items():
+        lines.append(
+            f"| {name} | {wall:.1f} | {train:.1f} | {val:.2f} | {compile_s:.2f} | {run_s:.2f} "
+            f"| {compiles} |"
+        )
+    wall, train, val, compile_s, run_s = (sum(row[i] for row in rows.values()) for i in range(5))
     lines += [
         "",
-        f"In all: {totals[0]:.0f} s of runs, of which the evaluation compiled for "
-        f"{totals[1]:.1f} s and ran for {totals[2]:.1f} s.",
+        f"In all: {wall:.0f} s of runs, of which training took {train:.0f} s, its 1x "
+        f"validation {val:.1f} s, and the final evaluation compiled for {compile_s:.1f} s "
+        f"and ran for {run_s:.1f} s.",
         "",
     ]
     return lines
@@ -196,7 +305,8 @@ def seconds_markdown(details: dict) -> list[str]:
 
 def read_tables(text: str) -> dict[str, dict[str, dict[str, float]]]:
     """The tables of a `results.md` written by `markdown`, back as numbers:
-    `{title: {spec: {size: mean}}}` (the min–max range of several seeds is dropped)."""
+    `{title: {spec: {size: mean}}}` (the spread over several seeds is dropped). Tables
+    that are not numbers by size (the plateau check's) are left out."""
     tables, title, sizes = {}, None, None
     for line in text.splitlines():
         if line.startswith("### "):
@@ -206,10 +316,13 @@ def read_tables(text: str) -> dict[str, dict[str, dict[str, float]]]:
             sizes = [cell.strip().split(" ")[0] for cell in line.strip("|").split("|")[1:]]
         elif title is not None and sizes and line.startswith("| ") and not line.startswith("|---"):
             cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-            row = {}
-            for size, cell in zip(sizes, cells[1:], strict=True):
-                if cell:
-                    row[size] = float(cell.split(" ")[0])
+            try:
+                pairs = zip(sizes, cells[1:], strict=True)
+                row = {size: float(cell.split(" ")[0]) for size, cell in pairs if cell}
+            except ValueError:
+                tables.pop(title)
+                title = None
+                continue
             tables[title][cells[0]] = row
     return tables
 

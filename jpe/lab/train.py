@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,6 +65,12 @@ class TrainConfig:
         non-overlapping windows when validation is shorter, else that many tokens' worth, and
         eval_tokens // L sliding windows (windows evenly spaced over validation).
       mesh: "DATAxMODEL" or None (all devices on data).
+      val_steps: steps (counted from 1) after which the validation perplexity at seq_len is
+        measured on `val_windows` fixed, non-overlapping windows of the validation split
+        (evenly spaced, the same every time), through one forward pass compiled once per
+        model configuration; recorded as `val_ppl` in the metrics and returned as
+        `"val_curve"` by `train`.
+      val_windows: windows of that validation subset.
     """
 
     model: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
@@ -85,6 +92,8 @@ class TrainConfig:
     eval_stride: int | None = None
     eval_tokens: int = 1 << 17
     mesh: str | None = None
+    val_steps: tuple[int, ...] = ()
+    val_windows: int = 64
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "keep", "log_every"):
@@ -95,6 +104,10 @@ class TrainConfig:
         _checks.positive_float("weight_decay", self.weight_decay, allow_zero=True)
         _checks.positive_float("clip", self.clip)
         object.__setattr__(self, "eval_lengths", tuple(self.eval_lengths))
+        object.__setattr__(self, "val_steps", tuple(sorted(set(self.val_steps))))
+        for step in self.val_steps:
+            _checks.positive_int("val_steps", step)
+        _checks.positive_int("val_windows", self.val_windows)
         for length in self.eval_lengths:
             _checks.positive_int("eval_lengths", length)
         if self.eval_stride is not None:
@@ -137,7 +150,7 @@ class TrainConfig:
 # Fields that may change between a run and its resumption: they do not change what is
 # trained, only what is done around it. (`steps` is not one: it sets the cosine schedule.)
 _RESUMABLE = {"checkpoint_every", "keep", "log_every", "eval_lengths", "eval_stride",
-              "eval_tokens", "mesh"}  # fmt: skip
+              "eval_tokens", "mesh", "val_steps", "val_windows"}  # fmt: skip
 
 
 def init_training(cfg: TrainConfig, mesh: jax.sharding.Mesh, batch_keys: Sequence[str]):
@@ -171,7 +184,10 @@ def train(
     learning rate, tokens/s), Orbax checkpoints under `workdir/checkpoints/`, and
     `workdir/eval.json` (`{"pe", "train_len", "ppl": {length: ppl}, ...}`). The returned
     dict holds "start_step", "losses" (the metrics records of this call), "eval" (that
-    report) and "model" (the trained `Transformer`).
+    report), "model" (the trained `Transformer`), "val_curve" (`[[step, val_ppl], ...]` at
+    `cfg.val_steps`, read back from the metrics file, so a resumed run's curve is whole) and
+    "seconds" (`{"fit", "val_compile", "val_run"}`: the training loop of this call, and of
+    that the periodic validation's compile and run seconds).
 
     `stop_at` ends this call after that step (checkpointed), as a preemption would; calling
     again resumes there. The evaluation runs either way.
@@ -211,6 +227,18 @@ def train(
     _, schedule = core.make_optimizer(
         lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup, weight_decay=cfg.weight_decay, clip=cfg.clip
     )
+    val_timings = core.Timings()
+    eval_fn = None
+    if cfg.val_steps:
+        val_windows = data_lib.eval_windows(corpus.val, cfg.seq_len, max_windows=cfg.val_windows)
+
+        def eval_fn(params):
+            total, count, _ = _nll_sums(
+                run.build(params), val_windows, cfg.random_positions, timings=val_timings
+            )
+            return {"val_ppl": math.exp(total / count)}
+
+    began = time.perf_counter()
     try:
         params, opt_state, losses = core.fit(
             run,
@@ -226,10 +254,13 @@ def train(
             checkpoint_meta=lambda step: {"data": batches.state(step)},
             metrics_path=metrics_path,
             progress=progress,
+            eval_steps=cfg.val_steps,
+            eval_fn=eval_fn,
         )
     except NonFiniteLossError:
         checkpoints.close()
         raise
+    fit_seconds = time.perf_counter() - began
     build = run.build
 
     lengths = cfg.eval_lengths or (cfg.seq_len,)
@@ -246,7 +277,27 @@ def train(
     if jax.process_index() == 0:
         (workdir / "eval.json").write_text(json.dumps(report, indent=1))
     checkpoints.close()
-    return {"start_step": start, "losses": losses, "eval": report, "model": model}
+    seconds = {
+        "fit": round(fit_seconds, 2),
+        "val_compile": round(val_timings.compile_seconds, 3),
+        "val_run": round(val_timings.run_seconds, 3),
+    }
+    return {
+        "start_step": start,
+        "losses": losses,
+        "eval": report,
+        "model": model,
+        "val_curve": val_curve(metrics_path),
+        "seconds": seconds,
+    }
+
+
+def val_curve(metrics_path: Path) -> list[list[float]]:
+    """`[[step, val_ppl], ...]` from a run's metrics file (the records that have one)."""
+    if not metrics_path.exists():
+        return []
+    records = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    return [[r["step"], r["val_ppl"]] for r in records if "val_ppl" in r]
 
 
 # ---------------------------------------------------------------------------------------------
