@@ -246,7 +246,7 @@ def plateau_markdown(details: dict, check: Plateau) -> list[str]:
         ]
     runs = sum(len(by_seed) for by_seed in gains.values())
     verdict = (
-        f"All {runs} runs pass: none improved by more than {100 * check.tolerance:g}% over "
+        f"All {runs} runs pass: no run improved by more than {100 * check.tolerance:g}% over "
         f"the last {tail}% of its steps."
         if not failed
         else f"{len(failed)} of {runs} runs fail (still improving by more than "
