@@ -219,6 +219,9 @@ def train(args) -> None:
     times = {key: [] for key in runners}
     for _ in range(args.rounds):
         for key, run in runners.items():
+            # A pause, untimed, between turns: each library's worker threads spin for a while
+            # after its work, and would otherwise slow whichever runner comes next.
+            time.sleep(args.pause)
             start = time.perf_counter()
             run(args.steps)
             times[key].append((time.perf_counter() - start) / args.steps)
@@ -285,6 +288,9 @@ def main(argv=None) -> None:
     p.add_argument("--pe", default="none,rope,alibi,t5,kerple,fire", help="list, or 'all'")
     p.add_argument("--steps", type=int, default=10, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
+    p.add_argument(
+        "--pause", type=float, default=1.0, help="seconds of rest before each timed turn"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--d-model", type=int, default=128)
