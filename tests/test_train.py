@@ -287,3 +287,14 @@ def test_command_lines_restart_with_glibc_malloc_tuned_once():
     assert both["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     assert _runtime.tuned_environment(env) is None  # already restarted: no loop
     assert _runtime.tuned_environment({"JPE_MALLOC_TUNING": "0"}) is None
+
+
+def test_field_help_reads_each_attribute_and_only_attributes():
+    """A continuation line holding a colon ("... for the plateau check: a run passes ...") is
+    part of the attribute above it, not an attribute of its own."""
+    from jpe.lab.extrapolate import LabConfig
+
+    helps = cli._field_help(LabConfig)
+    assert "plateau check: a run passes" in helps["val_windows"]
+    assert helps["steps"] == helps["lr"] and "training budget" in helps["steps"]
+    assert not any(" " in name for name in helps), sorted(helps)

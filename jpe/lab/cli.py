@@ -72,7 +72,7 @@ def _field_help(cls) -> dict[str, str]:
         return {}
     out, current = {}, []
     for line in doc.split("Attributes:", 1)[1].splitlines():
-        match = re.match(r"^\s{6}([\w, ]+):\s*(.*)$", line)
+        match = re.match(r"^ {6}(\w+(?:, \w+)*):\s*(.*)$", line)
         if match:
             current = [n.strip() for n in match.group(1).split(",")]
             for name in current:
