@@ -16,7 +16,9 @@ length 128, d_model 128, 4 layers, 4 heads, vocab 256, AdamW: the jitted step of
 for the encodings it has (none, rope, alibi, t5), all in one process. The libraries and
 encodings take turns round by round, so that a slow spell of a shared machine slows them
 alike, and each figure is the median of the rounds. It prints one table: milliseconds per
-step, the ratio to jpe's `none`, and jpe's time over x-transformers'. It needs the `bench`
+step, the ratio to jpe's `none`, jpe's time over x-transformers', and each runner's minor page
+faults per step (`getrusage`: a step that faults in its buffers anew every time shows
+thousands). It needs the `bench`
 extra (`pip install -e ".[bench]"`: PyTorch's CPU build and x-transformers).
 
 Both commands restart themselves once with glibc's malloc tuned for XLA:CPU
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -217,15 +220,20 @@ def train(args) -> None:
     # Round by round, every (library, encoding) in turn: a slow spell of a shared machine
     # slows them alike, and the median of the rounds drops it.
     times = {key: [] for key in runners}
+    faults = {key: [] for key in runners}
     for _ in range(args.rounds):
         for key, run in runners.items():
             # A pause, untimed, between turns: each library's worker threads spin for a while
             # after its work, and would otherwise slow whichever runner comes next.
             time.sleep(args.pause)
+            before = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
             run(args.steps)
             times[key].append((time.perf_counter() - start) / args.steps)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            faults[key].append((after.ru_minflt - before.ru_minflt) / args.steps)
     med = {key: _median(t) for key, t in times.items()}
+    med_faults = {key: _median(f) for key, f in faults.items()}
     spread = {key: (min(t), max(t)) for key, t in times.items()}
     tokens_per_step = args.batch_size * args.seq_len
     print(
@@ -239,7 +247,7 @@ def train(args) -> None:
     )
     print(
         f"{'pe':>12} {'jpe ms':>7} {'(min-max)':>13} {'tokens/s':>9} {'vs none':>8} "
-        f"{'x-t ms':>7} {'(min-max)':>13} {'jpe / x-t':>10}"
+        f"{'faults':>7} {'x-t ms':>7} {'(min-max)':>13} {'jpe / x-t':>10} {'faults':>7}"
     )
     base = med[("jpe", "none")]
     for pe in pes:
@@ -247,13 +255,20 @@ def train(args) -> None:
         lo, hi = spread[("jpe", pe)]
         row = (
             f"{pe:>12} {1e3 * t:>7.1f} {f'({1e3 * lo:.0f}-{1e3 * hi:.0f})':>13} "
-            f"{tokens_per_step / t:>9,.0f} {t / base:>7.2f}x"
+            f"{tokens_per_step / t:>9,.0f} {t / base:>7.2f}x {med_faults[('jpe', pe)]:>7,.0f}"
         )
         if ("x-transformers", pe) in med:
             x = med[("x-transformers", pe)]
             xlo, xhi = spread[("x-transformers", pe)]
-            row += f" {1e3 * x:>7.1f} {f'({1e3 * xlo:.0f}-{1e3 * xhi:.0f})':>13} {t / x:>9.2f}x"
+            row += (
+                f" {1e3 * x:>7.1f} {f'({1e3 * xlo:.0f}-{1e3 * xhi:.0f})':>13} {t / x:>9.2f}x"
+                f" {med_faults[('x-transformers', pe)]:>7,.0f}"
+            )
         print(row)
+    print(
+        "faults: minor page faults per step (getrusage, median of the rounds); thousands per "
+        "step mean the allocator returns and re-faults the step's buffers (see train/_runtime.py)"
+    )
 
 
 def _version(dist: str) -> str:
