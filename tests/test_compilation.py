@@ -171,3 +171,25 @@ def test_a_row_s_random_positions_do_not_depend_on_the_rows_after_it():
     key = jax.random.PRNGKey(3)
     few, more = randomized_positions(key, (2, 16), 64), randomized_positions(key, (5, 16), 64)
     np.testing.assert_array_equal(few, more[:2])
+
+
+def test_compile_clock_counts_jit_compiles_but_not_run_compiled():
+    """`CompileClock` sums JAX's compile events for a fresh jit in its thread; the compiles of
+    `run_compiled` are timed by `Timings` instead and left out, and nothing counts after
+    the clock stops."""
+    import jax
+    import jax.numpy as jnp
+
+    from jpe.lab import core
+
+    x = jnp.ones((8, 8))
+    with core.CompileClock() as clock:
+        jax.jit(lambda a: jnp.tanh(a) @ a.T + 1.0)(x).block_until_ready()
+    compiled = clock.seconds
+    assert compiled > 0
+    timings = core.Timings()
+    with core.CompileClock() as clock:
+        core.run_compiled(jax.jit(lambda a: jnp.cos(a) @ a + 2.0), x, timings=timings)
+    assert clock.seconds == 0 and timings.compiles == 1 and timings.compile_seconds > 0
+    jax.jit(lambda a: jnp.sin(a) * 3.0)(x).block_until_ready()  # after the clock stopped
+    assert clock.seconds == 0

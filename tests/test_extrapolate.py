@@ -73,6 +73,7 @@ def test_compile_and_run_seconds_per_run(lab_run):
     assert details["runs"]["alibi"]["0"]["seconds"]["eval_compiles"] <= 3  # one per length
     md = (lab_run / "results.md").read_text()
     assert f"### {lab_lib.report.SECONDS_TITLE}" in md and "| eval_compile |" in md
+    assert "| train_compile |" in md and "compiling the train steps took" in md
 
 
 def test_mean_and_spread_with_two_seeds(lab_run):
@@ -101,6 +102,8 @@ def test_1x_curve_is_recorded_at_the_expected_steps(lab_run):
             assert all(1.0 < ppl < 1e4 for _, ppl in curve), (spec, seed)
             seconds = details["runs"][spec][seed]["seconds"]
             assert seconds["train"] > 0 and seconds["val_1x"] > 0
+            # the train step compiled (no persistent cache in tests), within the run's time
+            assert 0 < seconds["train_compile"] < seconds["wall"], (spec, seed, seconds)
     assert "ppl_1x_curve" not in details["runs"]["rope+linear"]["0"]
     # a second seed of one configuration runs its own weights through the same forward
     alibi = details["runs"]["alibi"]

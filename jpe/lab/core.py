@@ -17,7 +17,8 @@ and those still to come) builds on these pieces rather than on copies of them:
 - `model_jit` / `run_compiled`: evaluation functions jitted once per model configuration
   (keyed on the `nnx` graph definition, the weights an argument) and compiled ahead of time
   once per argument shape, kept at module level, so that every seed, length and mode of a lab
-  reuses them, with compile and run seconds counted apart (`Timings`).
+  reuses them, with compile and run seconds counted apart (`Timings`); `CompileClock` counts
+  the seconds every other compile takes (the train step's).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import dataclasses
 import functools
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
@@ -45,6 +47,7 @@ __all__ = [
     "NonFiniteLossError",
     "State",
     "Timings",
+    "CompileClock",
     "check_finite",
     "fit",
     "flatten_model",
@@ -153,6 +156,49 @@ class Timings:
         }
 
 
+# jax.monitoring's events for the three stages of a compile (and a hit in the persistent
+# compilation cache, which replaces the last): JAX records each one's seconds.
+_COMPILE_EVENTS = frozenset(
+    {
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+        "/jax/compilation_cache/cache_retrieval_time_sec",
+    }
+)
+_CLOCK_STATE = threading.local()
+
+
+def _counting() -> bool:
+    return not getattr(_CLOCK_STATE, "paused", False)
+
+
+class CompileClock:
+    """The seconds JAX spends tracing, lowering and compiling (or loading from the persistent
+    cache) in this thread while the clock runs, from `jax.monitoring`'s compile events, less
+    the compiles of `run_compiled` (which `Timings` times apart).
+
+        with core.CompileClock() as clock:
+            params, opt_state, records = core.fit(...)  # the first step compiles
+        clock.seconds  # the train step's compile (and any other jit's), not evaluation's
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._thread = threading.get_ident()
+
+    def _listen(self, event: str, duration: float, **_) -> None:
+        if event in _COMPILE_EVENTS and threading.get_ident() == self._thread and _counting():
+            self.seconds += duration
+
+    def __enter__(self) -> CompileClock:
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
 _EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
 _MAX_EXECUTABLES = 256
 
@@ -176,7 +222,11 @@ def run_compiled(jitted: Callable, *args, timings: Timings | None = None):
     executable = _EXECUTABLES.get(key)
     if executable is None:
         start = time.perf_counter()
-        executable = jitted.lower(*args).compile()
+        _CLOCK_STATE.paused = True  # timed here, not by a CompileClock
+        try:
+            executable = jitted.lower(*args).compile()
+        finally:
+            _CLOCK_STATE.paused = False
         if timings is not None:
             timings.compile_seconds += time.perf_counter() - start
             timings.compiles += 1

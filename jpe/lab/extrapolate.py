@@ -9,9 +9,10 @@ at every evaluation length, and writes to `workdir`:
 - `details.json`: everything: per seed, sliding windows, the loss at each position, the 1x
   validation perplexity during training (`"ppl_1x_curve": [[step, ppl], ...]`, every 10% of
   the steps and at 80% and 100%, on a fixed subset of `val_windows` windows), the seconds
-  (`{"wall", "train", "val_1x", "eval_compile", "eval_run", "eval_compiles"}`: the run's
-  wall time, its training loop without and its periodic 1x validation, and its final
-  evaluation's compile and run seconds, timed apart), the configuration, the machine and the
+  (`{"wall", "train_compile", "train", "val_1x", "eval_compile", "eval_run",
+  "eval_compiles"}`: the run's wall time, its train step's compile, its training loop
+  without that compile and without its periodic 1x validation, that validation, and its
+  final evaluation's compile and run seconds, timed apart), the configuration, the machine and the
   command;
 - `results.md`: the same numbers as Markdown tables (mean ± half the min–max range over
   seeds, when there are several), the plateau check ("Is 1x still improving?": each run's
@@ -321,7 +322,10 @@ def run(lab: LabConfig, workdir: str | os.PathLike, *, progress: bool = True, lo
         evaluation = result["eval"]
         seconds = _seconds(time.perf_counter() - began, [evaluation["timings"]])
         fit = result["seconds"]
-        seconds["train"] = round(fit["fit"] - fit["val_compile"] - fit["val_run"], 2)
+        seconds["train_compile"] = round(fit["fit_compile"], 3)
+        seconds["train"] = round(
+            fit["fit"] - fit["fit_compile"] - fit["val_compile"] - fit["val_run"], 2
+        )
         seconds["val_1x"] = round(fit["val_compile"] + fit["val_run"], 3)
         runs.setdefault(spec, {})[seed] = {
             "ppl": evaluation["ppl"],

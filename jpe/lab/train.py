@@ -186,8 +186,10 @@ def train(
     dict holds "start_step", "losses" (the metrics records of this call), "eval" (that
     report), "model" (the trained `Transformer`), "val_curve" (`[[step, val_ppl], ...]` at
     `cfg.val_steps`, read back from the metrics file, so a resumed run's curve is whole) and
-    "seconds" (`{"fit", "val_compile", "val_run"}`: the training loop of this call, and of
-    that the periodic validation's compile and run seconds).
+    "seconds" (`{"fit", "fit_compile", "val_compile", "val_run"}`: the training loop of this
+    call, and of that the train step's compile (`core.CompileClock`: tracing, lowering and
+    XLA's compile, or a load from the persistent cache) and the periodic validation's compile
+    and run seconds).
 
     `stop_at` ends this call after that step (checkpointed), as a preemption would; calling
     again resumes there. The evaluation runs either way.
@@ -240,23 +242,24 @@ def train(
 
     began = time.perf_counter()
     try:
-        params, opt_state, losses = core.fit(
-            run,
-            batches.batch,
-            steps=cfg.steps,
-            start=start,
-            end=end,
-            schedule=schedule,
-            log_every=cfg.log_every,
-            tokens_per_step=cfg.batch_size * cfg.seq_len,
-            checkpoints=checkpoints,
-            checkpoint_every=cfg.checkpoint_every,
-            checkpoint_meta=lambda step: {"data": batches.state(step)},
-            metrics_path=metrics_path,
-            progress=progress,
-            eval_steps=cfg.val_steps,
-            eval_fn=eval_fn,
-        )
+        with core.CompileClock() as compile_clock:
+            params, opt_state, losses = core.fit(
+                run,
+                batches.batch,
+                steps=cfg.steps,
+                start=start,
+                end=end,
+                schedule=schedule,
+                log_every=cfg.log_every,
+                tokens_per_step=cfg.batch_size * cfg.seq_len,
+                checkpoints=checkpoints,
+                checkpoint_every=cfg.checkpoint_every,
+                checkpoint_meta=lambda step: {"data": batches.state(step)},
+                metrics_path=metrics_path,
+                progress=progress,
+                eval_steps=cfg.val_steps,
+                eval_fn=eval_fn,
+            )
     except NonFiniteLossError:
         checkpoints.close()
         raise
@@ -279,6 +282,7 @@ def train(
     checkpoints.close()
     seconds = {
         "fit": round(fit_seconds, 2),
+        "fit_compile": round(compile_clock.seconds, 3),
         "val_compile": round(val_timings.compile_seconds, 3),
         "val_run": round(val_timings.run_seconds, 3),
     }
