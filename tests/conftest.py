@@ -3,18 +3,47 @@
 Rank promotion raises so that an accidental broadcast between, say, `[L]` positions and `[H]`
 slopes is an error rather than a silently wrong tensor.
 
-`JPE_CACHE_DIR=off`: the command lines and notebooks that tests run (in this process or in
-subprocesses, which inherit it) never write JAX's persistent compilation cache into the home
-folder; tests of the cache point it at a temporary folder.
+One persistent compilation cache for the whole run, in a temporary folder removed at the
+end: many tests compile the same program (one model configuration's forward pass, in this
+process, in another pytest-xdist worker, or in a notebook's kernel or a command line run as a
+subprocess, which inherit `JPE_CACHE_DIR`), and only the first compiles it. Nothing is
+written to the home folder, and every run starts empty, so no test ever depends on an
+earlier run. Tests of the cache itself point it at folders of their own.
+
+The suite runs in pytest-xdist workers (`addopts` in pyproject.toml: as many as the
+machine's cores, at most 4, each test file in one worker so that module fixtures are built
+once); `-p no:xdist` or `-n 0` runs it in one process.
 """
 
 import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
 
 import jax
 from hypothesis import HealthCheck, settings
 
-os.environ["JPE_CACHE_DIR"] = "off"
+from jpe.lab import cli
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def _run_cache_dir() -> Path:
+    """The run's cache folder: one per test run, shared by its xdist workers, which inherit
+    the controller's `JPE_TEST_RUN_UID`."""
+    uid = os.environ.setdefault("JPE_TEST_RUN_UID", uuid.uuid4().hex)
+    return Path(tempfile.gettempdir()) / f"jpe-test-xla-{uid}"
+
+
+_CACHE = _run_cache_dir()
+os.environ["JPE_CACHE_DIR"] = str(_CACHE)
+cli.enable_compilation_cache(_CACHE, min_compile_seconds=0)
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):  # the controller, or a run without workers
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 settings.register_profile(
     "default",
