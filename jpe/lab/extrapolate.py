@@ -122,22 +122,27 @@ class LabConfig:
         plateau check: a run passes when its 1x perplexity improved by at most 2% over the
         last 20% of the steps (`report.plateau`).
 
-    The defaults are the README's run: every encoding, 300 steps of batch 16 at length 64,
-    three seeds (0, 1, 2), so that each cell is a mean with its spread.
+    The defaults are the README's run: every encoding, a model of d_model 64, 2 layers and 4
+    heads trained for 2000 steps of batch 16 at length 64, three seeds (0, 1, 2), so that
+    each cell is a mean with its spread, and 131,072 evaluation tokens per length and mode.
+    The budget is sized so that the plateau check passes (probes with `none` and `t5`: 1.0%
+    and 1.6% over the last 400 steps, where 300 steps of a d_model 128, 4-layer model left
+    them improving by 2.2% and 4.0%) and the whole run fits in under 50 minutes on 2 CPU
+    cores.
     """
 
     pes: tuple[str, ...] = ()
     seq_len: int = 64
-    steps: int = 300
+    steps: int = 2000
     batch_size: int = 16
     lr: float = 3e-3
     warmup: int | None = None
-    d_model: int = 128
-    num_layers: int = 4
+    d_model: int = 64
+    num_layers: int = 2
     num_heads: int = 4
     eval_lengths: tuple[int, ...] = ()
     stride: int | None = None
-    eval_tokens: int = 1 << 18
+    eval_tokens: int = 1 << 17
     seeds: tuple[int, ...] = (0, 1, 2)
     rope_scalings: tuple[str, ...] = ROPE_SCALINGS
     random_positions: int | None = None
