@@ -21,7 +21,24 @@ faults per step (`getrusage`: a step that faults in its buffers anew every time 
 thousands). It needs the `bench`
 extra (`pip install -e ".[bench]"`: PyTorch's CPU build and x-transformers).
 
-Both commands restart themselves once with glibc's malloc tuned for XLA:CPU
+    python train/bench.py kernels [--pe none,rope,alibi,t5,kerple,fire] [--lengths 1024,4096,16384]
+        [--head-dims 64,128] [--implementations pallas,cudnn,xla] [--passes fwd,fwdbwd]
+
+`kernels` measures attention alone, causal, in bfloat16, as FlashAttention-2's benchmark does
+(Dao 2023, arXiv 2307.08691, section 4.1): 16k tokens a batch (batch = 16384 // L), hidden
+size 2048 (heads = 2048 // head dim), TFLOP/s from 4 * B * H * L^2 * D / 2 for the causal
+forward and 2.5 times that for the backward. Each encoding runs with each implementation
+that serves it: jpe's fused Pallas kernel (the bias computed inside it), jpe's blocked XLA
+path, and `jax.nn.dot_product_attention(implementation="cudnn")`, bias-free (`none`, and
+`rope` after the rotation) or with ALiBi's bias materialised as a `[1, H, L, L]` array where
+it fits. Rotary encodings rotate q and k inside the timed function. It prints one table:
+milliseconds (median of `--repeats` calls after a warm-up), TFLOP/s, the compiled program's
+temporary memory (`memory_analysis()`, so that linear memory in L shows) and each time over
+cuDNN's bias-free time and over the same implementation's `none`. On CPU only the XLA path is
+timed by default, at L = 1024 (`--implementations pallas` runs the kernel in interpret mode:
+a check that it runs, not a kernel's speed).
+
+The commands restart themselves once with glibc's malloc tuned for XLA:CPU
 (`train/_runtime.py`; `JPE_MALLOC_TUNING=0` to measure without), so both libraries run under
 the same allocator settings.
 """
@@ -271,6 +288,194 @@ def train(args) -> None:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# kernels: attention alone, every implementation, TFLOP/s
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_PES = ("none", "rope", "alibi", "t5", "kerple", "fire")
+
+
+def _attention_flops(batch: int, heads: int, length: int, head_dim: int, backward: bool):
+    """FlashAttention-2's count: 4 B H L^2 D for the two products of the forward pass, halved
+    for a causal mask, and 2.5 times the forward's for the backward pass."""
+    forward = 4 * batch * heads * length * length * head_dim / 2
+    return forward * (3.5 if backward else 1.0)
+
+
+def _kernel_function(pe: str, implementation: str, length: int, heads: int, head_dim: int):
+    """`(f, state)`: `f(q, k, v, state)`, the encoding's attention for `implementation`
+    ("pallas", "xla", "cudnn": bias-free, or "cudnn+bias": the bias materialised), with the
+    encoding's parameters in `state`; None when that implementation cannot serve `pe`."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jpe
+    from jpe.nn.registry import PositionContext, encoding_class
+
+    config = jpe.TransformerConfig(
+        pe=pe,
+        d_model=heads * head_dim,
+        num_heads=heads,
+        num_layers=1,
+        max_len=length,
+        dtype="bfloat16",
+    )
+    graphdef, state = nnx.split(encoding_class(pe)(config, rngs=nnx.Rngs(0)))
+    hooks = encoding_class(pe).capabilities()
+    if hooks.query_bias or hooks.value or hooks.contextual_bias:
+        return None  # needs the query vectors or whole rows: the XLA path of the full model
+    if implementation == "cudnn" and hooks.bias:
+        return None
+    if implementation == "cudnn+bias" and pe != "alibi":
+        return None
+
+    def f(q, k, v, state):
+        encoding = nnx.merge(graphdef, state)
+        batch = q.shape[0]
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        context = PositionContext(
+            seq_len=jnp.full((batch,), length, jnp.int32),
+            anchor=jnp.zeros((batch,), jnp.int32),
+            prepared=encoding.prepare(positions),
+        )
+        q, k, v = encoding.transform_qkv(q, k, v, positions, layer=0, context=context)
+        if implementation == "cudnn+bias":
+            bias = encoding.bias(positions[:1], positions[:1]).astype(q.dtype)  # [1, H, L, L]
+            return jax.nn.dot_product_attention(
+                q, k, v, bias=bias, is_causal=True, implementation="cudnn"
+            )
+        return jpe.attention(
+            q,
+            k,
+            v,
+            bias_fn=encoding.bias if hooks.bias else None,
+            causal=True,
+            implementation=implementation,
+        )
+
+    return f, state
+
+
+def _time_kernel(f, state, batch, length, heads, head_dim, backward, repeats):
+    """`(milliseconds, temp_bytes)`: the median of `repeats` calls of the compiled function
+    (forward, or forward and the gradients of q, k, v and the encoding's parameters), and the
+    compiler's temporary memory for it."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q, k, v = (
+        jax.random.normal(key, (batch, length, heads, head_dim), jnp.bfloat16) for key in keys
+    )
+    if backward:
+
+        def loss(q, k, v, state):
+            return f(q, k, v, state).astype(jnp.float32).sum()
+
+        fn = jax.grad(loss, argnums=(0, 1, 2, 3))
+    else:
+        fn = f
+    compiled = jax.jit(fn).lower(q, k, v, state).compile()
+    memory = compiled.memory_analysis()
+    temp = getattr(memory, "temp_size_in_bytes", 0) if memory is not None else 0
+    jax.block_until_ready(compiled(q, k, v, state))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(q, k, v, state))
+        times.append(time.perf_counter() - start)
+    return 1e3 * _median(times), temp
+
+
+def kernels(args) -> None:
+    import jax
+
+    backend = _backend()
+    on_cpu = backend not in ("gpu", "tpu")
+    pes = [p for p in args.pe.split(",") if p]
+    for pe in pes:
+        if pe not in KERNEL_PES:
+            raise SystemExit(f"error: --pe {pe!r}: choose from {', '.join(KERNEL_PES)}")
+    if args.implementations:
+        implementations = [i for i in args.implementations.split(",") if i]
+    else:
+        implementations = ["xla"] if on_cpu else ["pallas", "xla"]
+        if backend == "gpu":
+            implementations += ["cudnn", "cudnn+bias"]
+    allowed = ("cudnn", "cudnn+bias", "pallas", "xla")  # cuDNN first: the others' reference
+    for name in implementations:
+        if name not in allowed:
+            raise SystemExit(f"error: --implementations {name!r}: choose from {allowed}")
+        if name.startswith("cudnn") and backend != "gpu":
+            raise SystemExit(f"error: --implementations {name}: cuDNN needs a GPU ({backend})")
+    implementations = sorted(set(implementations), key=allowed.index)
+    pes = sorted(set(pes), key=KERNEL_PES.index)  # none first: each row's "vs none"
+    lengths = [
+        int(x) for x in (args.lengths or ("1024" if on_cpu else "1024,4096,16384")).split(",")
+    ]
+    head_dims = [int(x) for x in args.head_dims.split(",")]
+    passes = [p for p in args.passes.split(",") if p]
+    for p in passes:
+        if p not in ("fwd", "fwdbwd"):
+            raise SystemExit(f"error: --passes {p!r}: choose from fwd, fwdbwd")
+    for name, values in (("--lengths", lengths), ("--head-dims", head_dims)):
+        if not values or min(values) < 1:
+            raise SystemExit(f"error: {name} must be positive integers")
+    device = jax.devices()[0]
+    print(
+        f"causal attention, bfloat16, {args.tokens} tokens a batch, hidden {args.d_model}; "
+        f"median of {args.repeats} calls; jax {jax.__version__} on {backend} "
+        f"({getattr(device, 'device_kind', device.platform)})"
+        + (
+            "; pallas in interpret mode (not a kernel's speed)"
+            if on_cpu and "pallas" in implementations
+            else ""
+        )
+    )
+    header = (
+        f"{'pe':>7} {'impl':>10} {'pass':>6} {'D':>4} {'L':>6} {'B':>3} {'H':>3} {'ms':>9} "
+        f"{'TFLOP/s':>8} {'temp MiB':>9} {'vs cudnn':>9} {'vs none':>8}"
+    )
+    print(header)
+    rows = {}
+    for pass_ in passes:
+        for head_dim in head_dims:
+            heads = max(1, args.d_model // head_dim)
+            for length in lengths:
+                batch = max(1, args.tokens // length)
+                for impl in implementations:
+                    for pe in pes:
+                        made = _kernel_function(pe, impl, length, heads, head_dim)
+                        if made is None:
+                            continue
+                        key = (pass_, head_dim, length, impl, pe)
+                        try:
+                            ms, temp = _time_kernel(
+                                *made, batch, length, heads, head_dim, pass_ == "fwdbwd",
+                                args.repeats,
+                            )  # fmt: skip
+                        except Exception as error:  # out of memory, or a lowering error
+                            text = str(error).strip().splitlines()
+                            print(
+                                f"{pe:>7} {impl:>10} {pass_:>6} {head_dim:>4} {length:>6} "
+                                f"{batch:>3} {heads:>3} failed: {(text or ['?'])[0][:70]}"
+                            )
+                            continue
+                        rows[key] = ms
+                        flops = _attention_flops(batch, heads, length, head_dim, pass_ == "fwdbwd")
+                        cudnn = rows.get((pass_, head_dim, length, "cudnn", "none"))
+                        none = rows.get((pass_, head_dim, length, impl, "none"))
+                        print(
+                            f"{pe:>7} {impl:>10} {pass_:>6} {head_dim:>4} {length:>6} "
+                            f"{batch:>3} {heads:>3} {ms:>9.2f} {flops / ms / 1e9:>8.3g} "
+                            f"{temp / 2**20:>9.1f} "
+                            f"{(f'{ms / cudnn:.2f}x' if cudnn else '-'):>9} "
+                            f"{(f'{ms / none:.2f}x' if none else '-'):>8}",
+                            flush=True,
+                        )
+
+
 def _version(dist: str) -> str:
     from importlib import metadata
 
@@ -311,8 +516,21 @@ def main(argv=None) -> None:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=4)
+    p = sub.add_parser("kernels", help="attention alone: TFLOP/s of every implementation")
+    p.add_argument("--pe", default=",".join(KERNEL_PES), help="encodings, comma-separated")
+    p.add_argument("--lengths", default=None, help="default 1024,4096,16384 (CPU: 1024)")
+    p.add_argument("--head-dims", default="64,128")
+    p.add_argument(
+        "--implementations",
+        default=None,
+        help="pallas, xla, cudnn, cudnn+bias (default: what the backend serves; CPU: xla)",
+    )
+    p.add_argument("--passes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens a batch (B = tokens // L)")
+    p.add_argument("--d-model", type=int, default=2048, help="hidden size (H = d_model // D)")
+    p.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
-    {"attention": attention, "train": train}[args.command](args)
+    {"attention": attention, "train": train, "kernels": kernels}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -79,8 +79,6 @@ class Attention(nnx.Module):
         pre-norm's scale) multiplies it, folded into the projection."""
         c = self.config
         batch, length, _ = x.shape
-        # One product with the three kernels side by side rather than three: a wider GEMM, and
-        # in the backward pass one product for dx instead of three and their sum.
         # One product with the three kernels side by side rather than three (a wider GEMM, and in
         # the backward pass one product for dx instead of three and their sum), with the
         # pre-norm's scale folded into the kernel's rows: diag(s) W is [d, 3d], s * x is [B, L, d].
