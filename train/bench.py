@@ -313,6 +313,14 @@ def _kernel_function(pe: str, implementation: str, length: int, heads: int, head
     import jpe
     from jpe.nn.registry import PositionContext, encoding_class
 
+    cls = encoding_class(pe)
+    hooks = cls.capabilities()
+    if hooks.query_bias or hooks.value or hooks.contextual_bias:
+        return None  # needs the query vectors or whole rows: the XLA path of the full model
+    if implementation == "cudnn" and hooks.bias:
+        return None
+    if implementation == "cudnn+bias" and pe != "alibi":
+        return None
     config = jpe.TransformerConfig(
         pe=pe,
         d_model=heads * head_dim,
@@ -321,14 +329,7 @@ def _kernel_function(pe: str, implementation: str, length: int, heads: int, head
         max_len=length,
         dtype="bfloat16",
     )
-    graphdef, state = nnx.split(encoding_class(pe)(config, rngs=nnx.Rngs(0)))
-    hooks = encoding_class(pe).capabilities()
-    if hooks.query_bias or hooks.value or hooks.contextual_bias:
-        return None  # needs the query vectors or whole rows: the XLA path of the full model
-    if implementation == "cudnn" and hooks.bias:
-        return None
-    if implementation == "cudnn+bias" and pe != "alibi":
-        return None
+    graphdef, state = nnx.split(cls(config, rngs=nnx.Rngs(0)))
 
     def f(q, k, v, state):
         encoding = nnx.merge(graphdef, state)
