@@ -74,10 +74,10 @@ def _block_stats(x, valid, n, block):
     return low, high
 
 
-def _live_blocks(qp, qs, kp, ks, kvalid, q_len, k_len, bq, bk, causal):
-    """The `[B, nq, nk]` table of block pairs that hold at least one allowed (query, key) pair
-    (a superset: a live pair may still be wholly masked), and each row's and column's first
-    and last live block."""
+def _block_summaries(qp, qs, kp, ks, kvalid, q_len, k_len, bq, bk):
+    """What decides whether a block pair is live, per block: `(qp_max, qs_min, qs_max)` of
+    each query block, `[B, nq]`, and `(kp_min, ks_min, ks_max, any_k)` of each key block,
+    `[B, nk]` int32, over valid entries (padding and invalid keys left out)."""
     nq, nk = qp.shape[1] // bq, kp.shape[1] // bk
     qvalid = jnp.broadcast_to(jnp.arange(qp.shape[1])[None, :] < q_len, qp.shape)
     kvalid = kvalid & (jnp.arange(kp.shape[1])[None, :] < k_len)
@@ -85,24 +85,42 @@ def _live_blocks(qp, qs, kp, ks, kvalid, q_len, k_len, bq, bk, causal):
     kp_min, _ = _block_stats(kp, kvalid, nk, bk)
     qs_min, qs_max = _block_stats(qs, qvalid, nq, bq)
     ks_min, ks_max = _block_stats(ks, kvalid, nk, bk)
-    any_k = kvalid.reshape(kvalid.shape[0], nk, bk).any(-1)
-    live = any_k[:, None, :] & (qs_min[:, :, None] <= ks_max[:, None, :])
-    live &= ks_min[:, None, :] <= qs_max[:, :, None]
+    any_k = kvalid.reshape(kvalid.shape[0], nk, bk).any(-1).astype(jnp.int32)
+    return (qp_max, qs_min, qs_max), (kp_min, ks_min, ks_max, any_k)
+
+
+def _pair_live(query_block, key_block, causal):
+    """Whether a (query block, key block) pair may hold an allowed pair, from their
+    `_block_summaries` (arrays that broadcast, or the scalars a kernel reads)."""
+    qp_max, qs_min, qs_max = query_block
+    kp_min, ks_min, ks_max, any_k = key_block
+    live = (any_k != 0) & (qs_min <= ks_max) & (ks_min <= qs_max)
     if causal:
-        live &= kp_min[:, None, :] <= qp_max[:, :, None]
+        live = live & (kp_min <= qp_max)
+    return live
 
-    def bounds(table):  # [B, n, m] -> first and one past the last live index, [B, n]
-        m = table.shape[-1]
-        anything = table.any(-1)
-        first = jnp.argmax(table, -1)
-        last = m - jnp.argmax(table[..., ::-1], -1)
-        return (
-            jnp.where(anything, first, 0).astype(jnp.int32),
-            jnp.where(anything, last, 0).astype(jnp.int32),
-        )
 
-    k_lo, k_hi = bounds(live)
-    q_lo, q_hi = bounds(jnp.swapaxes(live, 1, 2))
+def _bounds(table):
+    """`[B, n, m]` booleans -> the first and one past the last true index, `[B, n]` int32
+    (0, 0 where none is true)."""
+    m = table.shape[-1]
+    anything = table.any(-1)
+    first = jnp.argmax(table, -1)
+    last = m - jnp.argmax(table[..., ::-1], -1)
+    return (
+        jnp.where(anything, first, 0).astype(jnp.int32),
+        jnp.where(anything, last, 0).astype(jnp.int32),
+    )
+
+
+def _live_blocks(qp, qs, kp, ks, kvalid, q_len, k_len, bq, bk, causal):
+    """The `[B, nq, nk]` table of block pairs that hold at least one allowed (query, key) pair
+    (a superset: a live pair may still be wholly masked), and each row's and column's first
+    and last live block."""
+    qsum, ksum = _block_summaries(qp, qs, kp, ks, kvalid, q_len, k_len, bq, bk)
+    live = _pair_live([x[:, :, None] for x in qsum], [x[:, None, :] for x in ksum], causal)
+    k_lo, k_hi = _bounds(live)
+    q_lo, q_hi = _bounds(jnp.swapaxes(live, 1, 2))
     return live.astype(jnp.int32), k_lo, k_hi, q_lo, q_hi
 
 
@@ -192,25 +210,46 @@ class _Bias:
         return out.reshape(out.shape[1:]) if out.ndim == 4 else out
 
 
-def _pallas_call(kernel, *, grid, in_specs, out_specs, out_shape, n_replicated, **kwargs):
+def _pallas_call(
+    kernel,
+    *,
+    grid,
+    in_specs,
+    out_specs,
+    out_shape,
+    n_replicated,
+    num_scalar_prefetch=0,
+    scratch_shapes=(),
+    **kwargs,
+):
     """`pl.pallas_call` whose inputs and outputs lead with the batch (except the last
     `n_replicated` inputs); under a mesh with a "data" axis that divides the batch, it runs per
     shard in `jax.shard_map`, with the grid, the outputs and whole-array blocks cut to the
-    shard's rows."""
+    shard's rows. With `num_scalar_prefetch` (the first inputs, read by the index maps too) or
+    `scratch_shapes`, the grid is a `PrefetchScalarGridSpec` (TPU's)."""
+
+    def build(grid, in_specs, out_specs, out_shape):
+        if num_scalar_prefetch or scratch_shapes:
+            from jax.experimental.pallas import tpu as pltpu
+
+            spec = pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=num_scalar_prefetch,
+                grid=grid,
+                in_specs=in_specs,
+                out_specs=out_specs,
+                scratch_shapes=list(scratch_shapes),
+            )
+            return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape, **kwargs)
+        return pl.pallas_call(
+            kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, **kwargs
+        )
 
     def call(*args):
         mesh = jax.sharding.get_abstract_mesh()
         batch = grid[0]
         shards = 1 if mesh.empty else dict(mesh.shape).get("data", 1)
         if shards == 1 or batch % shards:
-            return pl.pallas_call(
-                kernel,
-                grid=grid,
-                in_specs=in_specs,
-                out_specs=out_specs,
-                out_shape=out_shape,
-                **kwargs,
-            )(*args)
+            return build(grid, in_specs, out_specs, out_shape)(*args)
         local = batch // shards
 
         def cut_spec(spec):
@@ -222,13 +261,11 @@ def _pallas_call(kernel, *, grid, in_specs, out_specs, out_shape, n_replicated, 
         def cut_shape(x):
             return jax.ShapeDtypeStruct((local,) + tuple(x.shape[1:]), x.dtype)
 
-        run = pl.pallas_call(
-            kernel,
-            grid=(local,) + tuple(grid[1:]),
-            in_specs=[cut_spec(s) for s in in_specs],
-            out_specs=[cut_spec(s) for s in out_specs],
-            out_shape=[cut_shape(x) for x in out_shape],
-            **kwargs,
+        run = build(
+            (local,) + tuple(grid[1:]),
+            [cut_spec(s) for s in in_specs],
+            [cut_spec(s) for s in out_specs],
+            [cut_shape(x) for x in out_shape],
         )
         split = len(args) - n_replicated
         data, replicated = jax.sharding.PartitionSpec("data"), jax.sharding.PartitionSpec()
@@ -250,6 +287,9 @@ def _triton_params():
 
 
 def _as_2d(x):
+    """A kernel input of at least two dimensions: a scalar or vector becomes one row."""
+    if x.ndim >= 2:
+        return x
     return x.reshape(1, max(int(np.prod(x.shape)), 1))
 
 
@@ -367,6 +407,7 @@ def _flash_local(
     live, k_lo, k_hi, q_lo, q_hi = _live_blocks(
         qp, qs, kp, ks, kval != 0, q_len, k_len, bq, bk, causal
     )
+    qsum, ksum = _block_summaries(qp, qs, kp, ks, kval != 0, q_len, k_len, bq, bk)
     # Invalid and padding keys are zeroed here, so whatever they hold never reaches a row.
     kv_keep = (kval != 0)[:, :, None, None]
     k = jnp.where(kv_keep[:, :k_len], k, jnp.zeros_like(k))
@@ -389,23 +430,21 @@ def _flash_local(
     vt = _pad(jnp.swapaxes(v, 1, 2), 2, lk, 0)
     out_dtype = q.dtype
     platform = jax.default_backend() if platform is None else platform
-    # On GPU, Triton: its pointer-based blocks let one program read any key block of a row
-    # (the loop bounds are data), while Mosaic GPU stages each whole block in shared memory.
+    # TPU (Mosaic) walks key blocks on the grid, so VMEM holds one block of each operand;
+    # GPU (Triton) and the CPU interpreter loop over key blocks inside a program. Triton: its
+    # pointer-based blocks let one program read any key block of a row (the loop bounds are
+    # data), while Mosaic GPU stages each whole block in shared memory.
+    on_grid = platform == "tpu"
     params = None
     if platform == "gpu" and not interpret:
         params = _triton_params()
-    elif platform == "tpu" and not interpret:
+
+    def tpu_params(semantics):
+        if interpret:
+            return None
         from jax.experimental.pallas import tpu as pltpu
 
-        # A program holds its row's whole keys and values: allow most of a core's VMEM.
-        params = pltpu.CompilerParams(vmem_limit_bytes=_TPU_VMEM_LIMIT)
-
-    def table_spec(shape):  # the block tables, read one scalar at a time: SMEM on TPU
-        if platform == "tpu" and not interpret:
-            from jax.experimental.pallas import tpu as pltpu
-
-            return pl.BlockSpec(memory_space=pltpu.SMEM)
-        return _full_spec(shape)
+        return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=_TPU_VMEM_LIMIT)
 
     def mask_of(qp_col, qs_col, kp_row, ks_row, kval_row):  # [bq, 1] x 2, [1, bk] x 3
         mask = (qs_col == ks_row) & kval_row
@@ -426,8 +465,117 @@ def _flash_local(
             return jnp.where(heads == h, b, 0.0).sum(0)
         return b[h]
 
-    def kv_block(ref, g, start):
-        return ref[0, g, pl.ds(start, bk), :]
+    def biased_logits(qb, kb, bias_b, h, mask):
+        s = _logits(qb, kb, scale)
+        hb = head_bias(bias_b, h)
+        if hb is not None:
+            s = s + hb
+        return jnp.where(mask, s, _MASKED)
+
+    # ------------------------------------------------ one block pair, shared by both layouts
+
+    def fwd_pair(qh, load_kv, mask, bias_b, carry):
+        """The online-softmax update of every head's `(max, denominator, accumulator)`."""
+        out = []
+        for g in range(kv_heads):
+            kb, vb = load_kv(g)
+            for h in range(g * groups, (g + 1) * groups):
+                m, denom, acc = carry[h]
+                s = biased_logits(qh[h], kb, bias_b, h, mask)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+                correction = jnp.exp(m - m_new)
+                pv = jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+                out.append((m_new, denom * correction + p.sum(-1), acc * correction[:, None] + pv))
+        return tuple(out)
+
+    def fwd_finish(carry, o_ref, lse_ref):
+        for h, (m, denom, acc) in enumerate(carry):
+            # Columns are made of floats, not of booleans: Mosaic cannot reshape a boolean
+            # vector read back from VMEM into a column.
+            column = denom[:, None]
+            safe = jnp.where(column == 0, 1.0, column)
+            o_ref[0, h] = jnp.where(column == 0, 0.0, acc / safe).astype(o_ref.dtype)
+            lse_ref[0, h] = jnp.where(
+                denom == 0, 0.0, m + jnp.log(jnp.where(denom == 0, 1.0, denom))
+            )
+
+    def dq_pair(qh, doh, lse, delta, load_kv, mask, diff, fixed_consts, qp_b, kp_b, carry):
+        """dq of every head for one key block, and the bias's parameter gradients: dS is the
+        cotangent of the block's bias."""
+        dq, dparams = carry
+        if bias.present:
+            bias_b, bias_vjp = jax.vjp(lambda d: evaluate(d, fixed_consts, qp_b, kp_b), list(diff))
+        else:
+            bias_b = None
+        new_dq, ds_all = [], []
+        for g in range(kv_heads):
+            kb, vb = load_kv(g)
+            for h in range(g * groups, (g + 1) * groups):
+                s = biased_logits(qh[h], kb, bias_b, h, mask)
+                p = jnp.where(mask, jnp.exp(s - lse[h][:, None]), 0.0)
+                dp = _logits(doh[h], vb, 1.0)
+                ds = p * (dp - delta[h][:, None])
+                ds_all.append(ds)
+                new_dq.append(
+                    dq[h]
+                    + jnp.dot(ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
+                    * jnp.float32(scale)
+                )
+        if bias.present and n_diff:
+            if bias.heads == 1:
+                dbias = sum(ds_all)[None]
+            elif params is None:
+                dbias = jnp.stack(ds_all)
+            else:  # Triton stacks two arrays at most: place each head by a select
+                heads = jax.lax.broadcasted_iota(jnp.int32, (num_heads, bq, bk), 0)
+                dbias = jnp.zeros((num_heads, bq, bk), jnp.float32)
+                for h, ds in enumerate(ds_all):
+                    dbias = jnp.where(heads == h, ds[None], dbias)
+            (grads,) = bias_vjp(dbias)
+            pairs = zip(dparams, grads, strict=True)
+            dparams = tuple(a + g_.astype(jnp.float32) for a, g_ in pairs)
+        return tuple(new_dq), dparams
+
+    def dkv_pair(load_q, kh, vh, mask, bias_b, carry):
+        """dk and dv of every key/value head for one query block (query heads summed)."""
+        dk, dv = carry
+        new_dk, new_dv = list(dk), list(dv)
+        for h in range(num_heads):
+            g = h // groups
+            qb, dob, lse, delta = load_q(h)
+            s = biased_logits(qb, kh[g], bias_b, h, mask)
+            p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+            new_dv[g] = new_dv[g] + jax.lax.dot_general(
+                p.astype(dob.dtype),
+                dob,
+                (((0,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            )
+            dp = _logits(dob, vh[g], 1.0)
+            ds = p * (dp - delta[:, None])
+            new_dk[g] = new_dk[g] + jax.lax.dot_general(
+                ds.astype(qb.dtype),
+                qb,
+                (((0,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            ) * jnp.float32(scale)
+        return tuple(new_dk), tuple(new_dv)
+
+    def split_refs(refs, n_lead):
+        """Kernel refs -> (leading inputs, differentiated consts, fixed consts, the rest)."""
+        lead = refs[:n_lead]
+        diff_refs = refs[n_lead : n_lead + n_diff]
+        fixed_refs = refs[n_lead + n_diff : n_lead + n_diff + n_fixed]
+        rest = refs[n_lead + n_diff + n_fixed :]
+        return (
+            lead,
+            _read_consts(diff_refs, diff_shapes),
+            _read_consts(fixed_refs, fixed_shapes),
+            rest,
+        )
+
+    # ------------------------------------------------- loop layout: a program loops over blocks
 
     block_specs = dict(
         q_rows=pl.BlockSpec((1, 1, bq), lambda b, i: (b, 0, i)),
@@ -438,49 +586,36 @@ def _flash_local(
         k_rows=pl.BlockSpec((1, 1, bk), lambda b, j: (b, 0, j)),
     )
 
-    # ----------------------------------------------------------------------------- forward
+    def key_block_of(kp_ref, ks_ref, kval_ref, start):
+        kp_b, ks_b = kp_ref[0, :, pl.ds(start, bk)], ks_ref[0, :, pl.ds(start, bk)]
+        return kp_b, ks_b, kval_ref[0, :, pl.ds(start, bk)] != 0
 
-    def fwd_kernel(*refs):
-        q_ref, k_ref, v_ref, qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = refs[:9]
-        live_ref, lo_ref, hi_ref = refs[9:12]
-        diff_refs = refs[12 : 12 + n_diff]
-        fixed_refs = refs[12 + n_diff : 12 + n_diff + n_fixed]
-        o_ref, lse_ref = refs[12 + n_diff + n_fixed :]
+    def loop_kv(k_ref, v_ref, start):
+        return lambda g: (k_ref[0, g, pl.ds(start, bk), :], v_ref[0, g, pl.ds(start, bk), :])
+
+    def fwd_loop_kernel(*refs):
+        lead, diff, fixed_consts, (o_ref, lse_ref) = split_refs(refs, 12)
+        q_ref, k_ref, v_ref, qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = lead[:9]
+        live_ref, lo_ref, hi_ref = lead[9:]
         b, i = pl.program_id(0), pl.program_id(1)
-        diff = _read_consts(diff_refs, diff_shapes)
-        fixed_consts = _read_consts(fixed_refs, fixed_shapes)
         qp_b, qpc_b, qs_b = qp_ref[0], qpc_ref[0], qs_ref[0]
         qh = [q_ref[0, h] for h in range(num_heads)]
 
         def visit(j, carry):
             start = j * bk
-            kp_b, ks_b = kp_ref[0, :, pl.ds(start, bk)], ks_ref[0, :, pl.ds(start, bk)]
-            kval_b = kval_ref[0, :, pl.ds(start, bk)] != 0
+            kp_b, ks_b, kval_b = key_block_of(kp_ref, ks_ref, kval_ref, start)
             mask = mask_of(qpc_b, qs_b, kp_b, ks_b, kval_b)
             bias_b = evaluate(diff, fixed_consts, qp_b, kp_b)
-            out = []
-            for g in range(kv_heads):
-                kb, vb = kv_block(k_ref, g, start), kv_block(v_ref, g, start)
-                for h in range(g * groups, (g + 1) * groups):
-                    m, denom, acc = carry[h]
-                    s = _logits(qh[h], kb, scale)
-                    hb = head_bias(bias_b, h)
-                    if hb is not None:
-                        s = s + hb
-                    s = jnp.where(mask, s, _MASKED)
-                    m_new = jnp.maximum(m, s.max(-1))
-                    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-                    correction = jnp.exp(m - m_new)
-                    pv = jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-                    out.append(
-                        (m_new, denom * correction + p.sum(-1), acc * correction[:, None] + pv)
-                    )
-            return tuple(out)
+            return fwd_pair(qh, loop_kv(k_ref, v_ref, start), mask, bias_b, carry)
 
         def body(j, carry):
             return jax.lax.cond(live_ref[b, i, j] != 0, lambda c: visit(j, c), lambda c: c, carry)
 
-        init = tuple(
+        carry = jax.lax.fori_loop(lo_ref[b, i], hi_ref[b, i], body, fwd_init())
+        fwd_finish(carry, o_ref, lse_ref)
+
+    def fwd_init():
+        return tuple(
             (
                 jnp.full((bq,), _MASKED, jnp.float32),
                 jnp.zeros((bq,), jnp.float32),
@@ -488,61 +623,13 @@ def _flash_local(
             )
             for _ in range(num_heads)
         )
-        carry = jax.lax.fori_loop(lo_ref[b, i], hi_ref[b, i], body, init)
-        for h, (m, denom, acc) in enumerate(carry):
-            empty = denom == 0
-            safe = jnp.where(empty, 1.0, denom)
-            o_ref[0, h] = jnp.where(empty[:, None], 0.0, acc / safe[:, None]).astype(o_ref.dtype)
-            lse_ref[0, h] = jnp.where(empty, 0.0, m + jnp.log(safe))
 
-    def forward(q_t, k_t, v_t, diff):
-        diff2d = [_as_2d(c) for c in diff]
-        in_specs = [
-            pl.BlockSpec((1, num_heads, bq, head_dim), lambda b, i: (b, 0, i, 0)),
-            pl.BlockSpec((1, kv_heads, lk, head_dim), lambda b, i: (b, 0, 0, 0)),
-            pl.BlockSpec((1, kv_heads, lk, head_dim), lambda b, i: (b, 0, 0, 0)),
-            block_specs["q_rows"],
-            block_specs["q_cols"],
-            block_specs["q_cols"],
-            block_specs["k_all"],
-            block_specs["k_all"],
-            block_specs["k_all"],
-            table_spec(live.shape),
-            table_spec(k_lo.shape),
-            table_spec(k_hi.shape),
-            *[_full_spec(c.shape) for c in diff2d],
-            *[_full_spec(c.shape) for c in fixed],
-        ]
-        return _pallas_call(
-            fwd_kernel,
-            grid=(batch, nq),
-            in_specs=in_specs,
-            out_specs=[
-                pl.BlockSpec((1, num_heads, bq, head_dim), lambda b, i: (b, 0, i, 0)),
-                pl.BlockSpec((1, num_heads, bq), lambda b, i: (b, 0, i)),
-            ],
-            out_shape=[
-                jax.ShapeDtypeStruct((batch, num_heads, lq, head_dim), out_dtype),
-                jax.ShapeDtypeStruct((batch, num_heads, lq), jnp.float32),
-            ],
-            interpret=interpret,
-            compiler_params=params,
-            name="jpe_flash_fwd",
-            n_replicated=len(diff2d) + len(fixed),
-        )(q_t, k_t, v_t, qp, qpc, qs, kp, ks, kval, live, k_lo, k_hi, *diff2d, *fixed)
-
-    # ---------------------------------------------------------------------------- backward
-
-    def dq_kernel(*refs):
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-        qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = refs[6:12]
-        live_ref, lo_ref, hi_ref = refs[12:15]
-        diff_refs = refs[15 : 15 + n_diff]
-        fixed_refs = refs[15 + n_diff : 15 + n_diff + n_fixed]
-        dq_ref, *dparam_refs = refs[15 + n_diff + n_fixed :]
+    def dq_loop_kernel(*refs):
+        lead, diff, fixed_consts, (dq_ref, *dparam_refs) = split_refs(refs, 15)
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = lead[:6]
+        qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = lead[6:12]
+        live_ref, lo_ref, hi_ref = lead[12:]
         b, i = pl.program_id(0), pl.program_id(1)
-        diff = _read_consts(diff_refs, diff_shapes)
-        fixed_consts = _read_consts(fixed_refs, fixed_shapes)
         qp_b, qpc_b, qs_b = qp_ref[0], qpc_ref[0], qs_ref[0]
         qh = [q_ref[0, h] for h in range(num_heads)]
         doh = [do_ref[0, h] for h in range(num_heads)]
@@ -550,49 +637,13 @@ def _flash_local(
         delta = [delta_ref[0, h] for h in range(num_heads)]
 
         def visit(j, carry):
-            dq, dparams = carry
             start = j * bk
-            kp_b, ks_b = kp_ref[0, :, pl.ds(start, bk)], ks_ref[0, :, pl.ds(start, bk)]
-            kval_b = kval_ref[0, :, pl.ds(start, bk)] != 0
+            kp_b, ks_b, kval_b = key_block_of(kp_ref, ks_ref, kval_ref, start)
             mask = mask_of(qpc_b, qs_b, kp_b, ks_b, kval_b)
-            if bias.present:
-                bias_b, bias_vjp = jax.vjp(
-                    lambda d: evaluate(d, fixed_consts, qp_b, kp_b), list(diff)
-                )
-            else:
-                bias_b = None
-            new_dq, ds_all = [], []
-            for g in range(kv_heads):
-                kb, vb = kv_block(k_ref, g, start), kv_block(v_ref, g, start)
-                for h in range(g * groups, (g + 1) * groups):
-                    s = _logits(qh[h], kb, scale)
-                    hb = head_bias(bias_b, h)
-                    if hb is not None:
-                        s = s + hb
-                    s = jnp.where(mask, s, _MASKED)
-                    p = jnp.where(mask, jnp.exp(s - lse[h][:, None]), 0.0)
-                    dp = _logits(doh[h], vb, 1.0)
-                    ds = p * (dp - delta[h][:, None])
-                    ds_all.append(ds)
-                    new_dq.append(
-                        dq[h]
-                        + jnp.dot(ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
-                        * jnp.float32(scale)
-                    )
-            if bias.present and n_diff:
-                if bias.heads == 1:
-                    dbias = sum(ds_all)[None]
-                elif params is None:
-                    dbias = jnp.stack(ds_all)
-                else:  # Triton stacks two arrays at most: place each head by a select
-                    heads = jax.lax.broadcasted_iota(jnp.int32, (num_heads, bq, bk), 0)
-                    dbias = jnp.zeros((num_heads, bq, bk), jnp.float32)
-                    for h, ds in enumerate(ds_all):
-                        dbias = jnp.where(heads == h, ds[None], dbias)
-                (grads,) = bias_vjp(dbias)
-                pairs = zip(dparams, grads, strict=True)
-                dparams = tuple(a + g_.astype(jnp.float32) for a, g_ in pairs)
-            return tuple(new_dq), dparams
+            load_kv = loop_kv(k_ref, v_ref, start)
+            return dq_pair(
+                qh, doh, lse, delta, load_kv, mask, diff, fixed_consts, qp_b, kp_b, carry
+            )
 
         def body(j, carry):
             return jax.lax.cond(live_ref[b, i, j] != 0, lambda c: visit(j, c), lambda c: c, carry)
@@ -607,56 +658,34 @@ def _flash_local(
         for ref, g_ in zip(dparam_refs, dparams, strict=True):
             ref[0, 0] = _as_2d(g_)
 
-    def dkv_kernel(*refs):
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-        qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = refs[6:12]
-        live_ref, lo_ref, hi_ref = refs[12:15]
-        diff_refs = refs[15 : 15 + n_diff]
-        fixed_refs = refs[15 + n_diff : 15 + n_diff + n_fixed]
-        dk_ref, dv_ref = refs[15 + n_diff + n_fixed :]
+    def dkv_loop_kernel(*refs):
+        lead, diff, fixed_consts, (dk_ref, dv_ref) = split_refs(refs, 15)
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = lead[:6]
+        qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = lead[6:12]
+        live_ref, lo_ref, hi_ref = lead[12:]
         b, j = pl.program_id(0), pl.program_id(1)
-        diff = _read_consts(diff_refs, diff_shapes)
-        fixed_consts = _read_consts(fixed_refs, fixed_shapes)
         kp_b, ks_b = kp_ref[0], ks_ref[0]
         kval_b = kval_ref[0] != 0
-        kh = [kv_block(k_ref, g, 0) for g in range(kv_heads)]
-        vh = [kv_block(v_ref, g, 0) for g in range(kv_heads)]
+        kh = [k_ref[0, g] for g in range(kv_heads)]
+        vh = [v_ref[0, g] for g in range(kv_heads)]
 
         def visit(i, carry):
-            dk, dv = carry
             start = i * bq
             qp_b = qp_ref[0, :, pl.ds(start, bq)]
             qpc_b, qs_b = qpc_ref[0, pl.ds(start, bq), :], qs_ref[0, pl.ds(start, bq), :]
             mask = mask_of(qpc_b, qs_b, kp_b, ks_b, kval_b)
             bias_b = evaluate(diff, fixed_consts, qp_b, kp_b)
-            new_dk, new_dv = list(dk), list(dv)
-            for h in range(num_heads):
-                g = h // groups
-                qb = q_ref[0, h, pl.ds(start, bq), :]
-                dob = do_ref[0, h, pl.ds(start, bq), :]
-                lse = lse_ref[0, h, pl.ds(start, bq)]
-                delta = delta_ref[0, h, pl.ds(start, bq)]
-                s = _logits(qb, kh[g], scale)
-                hb = head_bias(bias_b, h)
-                if hb is not None:
-                    s = s + hb
-                s = jnp.where(mask, s, _MASKED)
-                p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-                new_dv[g] = new_dv[g] + jax.lax.dot_general(
-                    p.astype(dob.dtype),
-                    dob,
-                    (((0,), (0,)), ((), ())),
-                    preferred_element_type=jnp.float32,
+
+            def load_q(h):
+                rows_ = pl.ds(start, bq)
+                return (
+                    q_ref[0, h, rows_, :],
+                    do_ref[0, h, rows_, :],
+                    lse_ref[0, h, rows_],
+                    delta_ref[0, h, rows_],
                 )
-                dp = _logits(dob, vh[g], 1.0)
-                ds = p * (dp - delta[:, None])
-                new_dk[g] = new_dk[g] + jax.lax.dot_general(
-                    ds.astype(qb.dtype),
-                    qb,
-                    (((0,), (0,)), ((), ())),
-                    preferred_element_type=jnp.float32,
-                ) * jnp.float32(scale)
-            return tuple(new_dk), tuple(new_dv)
+
+            return dkv_pair(load_q, kh, vh, mask, bias_b, carry)
 
         def body(i, carry):
             return jax.lax.cond(live_ref[b, i, j] != 0, lambda c: visit(i, c), lambda c: c, carry)
@@ -667,87 +696,384 @@ def _flash_local(
             dk_ref[0, g] = dk[g].astype(dk_ref.dtype)
             dv_ref[0, g] = dv[g].astype(dv_ref.dtype)
 
-    def backward_kernels(q_t, k_t, v_t, diff, o_t, lse, do_t):
-        delta = jnp.sum(o_t.astype(jnp.float32) * do_t.astype(jnp.float32), -1)  # [B, H, Lq]
+    # ----------------------------------- grid layout (TPU): key blocks are the grid's last axis
+    # The scalar-prefetched tables (SMEM on TPU): per query block [B, 5 * nq] (k_lo, k_hi and
+    # the query block's summaries), per key block [B, 6 * nk] (q_lo, q_hi and the summaries).
+    # A program whose pair is dead computes nothing; its index maps clamp the block they fetch
+    # into the live range, so a block outside it is not fetched again.
+    q_table = jnp.concatenate([k_lo, k_hi, *qsum], axis=1)
+    k_table = jnp.concatenate([q_lo, q_hi, *ksum], axis=1)
+
+    def q_entry(ref, b, field, i):
+        return ref[b, field * nq + i]
+
+    def k_entry(ref, b, field, j):
+        return ref[b, field * nk + j]
+
+    def grid_live(qt_ref, kt_ref, b, i, j):
+        query_block = [q_entry(qt_ref, b, 2 + f, i) for f in range(3)]
+        key_block = [k_entry(kt_ref, b, 2 + f, j) for f in range(4)]
+        return _pair_live(query_block, key_block, causal)
+
+    def clamp(x, lo, hi):
+        return jnp.minimum(jnp.maximum(x, lo), jnp.maximum(hi - 1, 0))
+
+    def kv_index(b, i, j, qt_ref, kt_ref):  # the key block a (query block i, step j) reads
+        return clamp(j, q_entry(qt_ref, b, 0, i), q_entry(qt_ref, b, 1, i))
+
+    def q_index(b, j, i, qt_ref, kt_ref):  # the query block a (key block j, step i) reads
+        return clamp(i, k_entry(kt_ref, b, 0, j), k_entry(kt_ref, b, 1, j))
+
+    grid_specs = dict(
+        q=pl.BlockSpec((1, num_heads, bq, head_dim), lambda b, i, j, *_: (b, 0, i, 0)),
+        q_lse=pl.BlockSpec((1, num_heads, bq), lambda b, i, j, *_: (b, 0, i)),
+        q_rows=pl.BlockSpec((1, 1, bq), lambda b, i, j, *_: (b, 0, i)),
+        q_cols=pl.BlockSpec((1, bq, 1), lambda b, i, j, *_: (b, i, 0)),
+        kv=pl.BlockSpec(
+            (1, kv_heads, bk, head_dim), lambda b, i, j, *t: (b, 0, kv_index(b, i, j, *t), 0)
+        ),
+        k_rows=pl.BlockSpec((1, 1, bk), lambda b, i, j, *t: (b, 0, kv_index(b, i, j, *t))),
+        # the dk/dv grid: (b, key block j, step i)
+        t_q=pl.BlockSpec(
+            (1, num_heads, bq, head_dim), lambda b, j, i, *t: (b, 0, q_index(b, j, i, *t), 0)
+        ),
+        t_q_lse=pl.BlockSpec((1, num_heads, bq), lambda b, j, i, *t: (b, 0, q_index(b, j, i, *t))),
+        t_q_rows=pl.BlockSpec((1, 1, bq), lambda b, j, i, *t: (b, 0, q_index(b, j, i, *t))),
+        t_q_cols=pl.BlockSpec((1, bq, 1), lambda b, j, i, *t: (b, q_index(b, j, i, *t), 0)),
+        t_kv=pl.BlockSpec((1, kv_heads, bk, head_dim), lambda b, j, i, *_: (b, 0, j, 0)),
+        t_k_rows=pl.BlockSpec((1, 1, bk), lambda b, j, i, *_: (b, 0, j)),
+    )
+
+    def vmem(shape):
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.VMEM(shape, jnp.float32)
+
+    def grid_const_spec(shape):
+        zeros = (0,) * len(shape)
+        return pl.BlockSpec(shape, lambda *_: zeros)
+
+    def fwd_grid_kernel(qt_ref, kt_ref, *refs):
+        lead, diff, fixed_consts, rest = split_refs(refs, 9)
+        q_ref, k_ref, v_ref, qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = lead
+        o_ref, lse_ref, m_sc, l_sc, acc_sc = rest
+        b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+        @pl.when(j == 0)
+        def _():
+            m_sc[...] = jnp.full(m_sc.shape, _MASKED, jnp.float32)
+            l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+            acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+        @pl.when(grid_live(qt_ref, kt_ref, b, i, j))
+        def _():
+            mask = mask_of(qpc_ref[0], qs_ref[0], kp_ref[0], ks_ref[0], kval_ref[0] != 0)
+            bias_b = evaluate(diff, fixed_consts, qp_ref[0], kp_ref[0])
+            qh = [q_ref[0, h] for h in range(num_heads)]
+            carry = tuple((m_sc[h], l_sc[h], acc_sc[h]) for h in range(num_heads))
+            load_kv = lambda g: (k_ref[0, g], v_ref[0, g])  # noqa: E731
+            for h, (m, denom, acc) in enumerate(fwd_pair(qh, load_kv, mask, bias_b, carry)):
+                m_sc[h], l_sc[h], acc_sc[h] = m, denom, acc
+
+        @pl.when(j == nk - 1)
+        def _():
+            carry = tuple((m_sc[h], l_sc[h], acc_sc[h]) for h in range(num_heads))
+            fwd_finish(carry, o_ref, lse_ref)
+
+    def dq_grid_kernel(qt_ref, kt_ref, *refs):
+        lead, diff, fixed_consts, rest = split_refs(refs, 12)
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = lead[:6]
+        qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = lead[6:]
+        dq_ref = rest[0]
+        dparam_refs = rest[1 : 1 + n_diff]
+        dq_sc = rest[1 + n_diff]
+        dparam_sc = rest[2 + n_diff :]
+        b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+        @pl.when(j == 0)
+        def _():
+            dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+            for ref in dparam_sc:
+                ref[...] = jnp.zeros(ref.shape, jnp.float32)
+
+        @pl.when(grid_live(qt_ref, kt_ref, b, i, j))
+        def _():
+            mask = mask_of(qpc_ref[0], qs_ref[0], kp_ref[0], ks_ref[0], kval_ref[0] != 0)
+            heads = range(num_heads)
+            qh, doh = [q_ref[0, h] for h in heads], [do_ref[0, h] for h in heads]
+            lse, delta = [lse_ref[0, h] for h in heads], [delta_ref[0, h] for h in heads]
+            carry = (
+                tuple(dq_sc[h] for h in heads),
+                tuple(r[...].reshape(s) for r, s in zip(dparam_sc, diff_shapes, strict=True)),
+            )
+            load_kv = lambda g: (k_ref[0, g], v_ref[0, g])  # noqa: E731
+            dq, dparams = dq_pair(
+                qh, doh, lse, delta, load_kv, mask, diff, fixed_consts, qp_ref[0], kp_ref[0], carry
+            )
+            for h in heads:
+                dq_sc[h] = dq[h]
+            for ref, g_ in zip(dparam_sc, dparams, strict=True):
+                ref[...] = _as_2d(g_)
+
+        @pl.when(j == nk - 1)
+        def _():
+            for h in range(num_heads):
+                dq_ref[0, h] = dq_sc[h].astype(dq_ref.dtype)
+            for ref, acc in zip(dparam_refs, dparam_sc, strict=True):
+                ref[0, 0] = acc[...]
+
+    def dkv_grid_kernel(qt_ref, kt_ref, *refs):
+        lead, diff, fixed_consts, rest = split_refs(refs, 12)
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = lead[:6]
+        qp_ref, qpc_ref, qs_ref, kp_ref, ks_ref, kval_ref = lead[6:]
+        dk_ref, dv_ref, dk_sc, dv_sc = rest
+        b, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+        @pl.when(i == 0)
+        def _():
+            dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+            dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+        @pl.when(grid_live(qt_ref, kt_ref, b, i, j))
+        def _():
+            mask = mask_of(qpc_ref[0], qs_ref[0], kp_ref[0], ks_ref[0], kval_ref[0] != 0)
+            bias_b = evaluate(diff, fixed_consts, qp_ref[0], kp_ref[0])
+            kh = [k_ref[0, g] for g in range(kv_heads)]
+            vh = [v_ref[0, g] for g in range(kv_heads)]
+            load_q = lambda h: (q_ref[0, h], do_ref[0, h], lse_ref[0, h], delta_ref[0, h])  # noqa: E731
+            carry = (
+                tuple(dk_sc[g] for g in range(kv_heads)),
+                tuple(dv_sc[g] for g in range(kv_heads)),
+            )
+            dk, dv = dkv_pair(load_q, kh, vh, mask, bias_b, carry)
+            for g in range(kv_heads):
+                dk_sc[g], dv_sc[g] = dk[g], dv[g]
+
+        @pl.when(i == nq - 1)
+        def _():
+            for g in range(kv_heads):
+                dk_ref[0, g] = dk_sc[g].astype(dk_ref.dtype)
+                dv_ref[0, g] = dv_sc[g].astype(dv_ref.dtype)
+
+    # ---------------------------------------------------------------------------- the calls
+
+    def consts_of(diff):
         diff2d = [_as_2d(c) for c in diff]
-        consts_specs = [_full_spec(c.shape) for c in diff2d] + [_full_spec(c.shape) for c in fixed]
-        q_block = pl.BlockSpec((1, num_heads, bq, head_dim), lambda b, i: (b, 0, i, 0))
-        q_rows3 = pl.BlockSpec((1, num_heads, bq), lambda b, i: (b, 0, i))
+        return diff2d, [_full_spec(c.shape) for c in diff2d + fixed]
+
+    def forward(q_t, k_t, v_t, diff):
+        diff2d, consts_specs = consts_of(diff)
+        out_shape = [
+            jax.ShapeDtypeStruct((batch, num_heads, lq, head_dim), out_dtype),
+            jax.ShapeDtypeStruct((batch, num_heads, lq), jnp.float32),
+        ]
+        n_replicated = len(diff2d) + len(fixed)
+        if on_grid:
+            s = grid_specs
+            return _pallas_call(
+                fwd_grid_kernel,
+                grid=(batch, nq, nk),
+                in_specs=[
+                    s["q"],
+                    s["kv"],
+                    s["kv"],
+                    s["q_rows"],
+                    s["q_cols"],
+                    s["q_cols"],
+                    s["k_rows"],
+                    s["k_rows"],
+                    s["k_rows"],
+                    *consts_specs,
+                ],
+                out_specs=[s["q"], s["q_lse"]],
+                out_shape=out_shape,
+                num_scalar_prefetch=2,
+                scratch_shapes=[
+                    vmem((num_heads, bq)),
+                    vmem((num_heads, bq)),
+                    vmem((num_heads, bq, head_dim)),
+                ],
+                interpret=interpret,
+                compiler_params=tpu_params(("parallel", "parallel", "arbitrary")),
+                name="jpe_flash_fwd",
+                n_replicated=n_replicated,
+            )(q_table, k_table, q_t, k_t, v_t, *rows_in, *diff2d, *fixed)
+        s = block_specs
         kv_full = pl.BlockSpec((1, kv_heads, lk, head_dim), lambda b, i: (b, 0, 0, 0))
-        dq_and_params = _pallas_call(
-            dq_kernel,
+        q_block = pl.BlockSpec((1, num_heads, bq, head_dim), lambda b, i: (b, 0, i, 0))
+        return _pallas_call(
+            fwd_loop_kernel,
             grid=(batch, nq),
             in_specs=[
                 q_block,
                 kv_full,
                 kv_full,
-                q_block,
-                q_rows3,
-                q_rows3,
-                block_specs["q_rows"],
-                block_specs["q_cols"],
-                block_specs["q_cols"],
-                block_specs["k_all"],
-                block_specs["k_all"],
-                block_specs["k_all"],
-                table_spec(live.shape),
-                table_spec(k_lo.shape),
-                table_spec(k_hi.shape),
+                s["q_rows"],
+                s["q_cols"],
+                s["q_cols"],
+                s["k_all"],
+                s["k_all"],
+                s["k_all"],
+                _full_spec(live.shape),
+                _full_spec(k_lo.shape),
+                _full_spec(k_hi.shape),
                 *consts_specs,
             ],
-            out_specs=[
-                q_block,
-                *[pl.BlockSpec((1, 1) + c.shape, lambda b, i: (b, i, 0, 0)) for c in diff2d],
-            ],
-            out_shape=[
-                jax.ShapeDtypeStruct(q_t.shape, q_t.dtype),
-                *[jax.ShapeDtypeStruct((batch, nq) + c.shape, jnp.float32) for c in diff2d],
-            ],
+            out_specs=[q_block, pl.BlockSpec((1, num_heads, bq), lambda b, i: (b, 0, i))],
+            out_shape=out_shape,
             interpret=interpret,
             compiler_params=params,
-            name="jpe_flash_dq",
-            n_replicated=len(diff2d) + len(fixed),
-        )(q_t, k_t, v_t, do_t, lse, delta, *rows_in, live, k_lo, k_hi, *diff2d, *fixed)
+            name="jpe_flash_fwd",
+            n_replicated=n_replicated,
+        )(q_t, k_t, v_t, *rows_in, live, k_lo, k_hi, *diff2d, *fixed)
+
+    def backward_kernels(q_t, k_t, v_t, diff, o_t, lse, do_t):
+        delta = jnp.sum(o_t.astype(jnp.float32) * do_t.astype(jnp.float32), -1)  # [B, H, Lq]
+        diff2d, consts_specs = consts_of(diff)
+        n_replicated = len(diff2d) + len(fixed)
+        dq_shapes = [
+            jax.ShapeDtypeStruct(q_t.shape, q_t.dtype),
+            *[jax.ShapeDtypeStruct((batch, nq) + c.shape, jnp.float32) for c in diff2d],
+        ]
+        dkv_shapes = [
+            jax.ShapeDtypeStruct(k_t.shape, k_t.dtype),
+            jax.ShapeDtypeStruct(v_t.shape, v_t.dtype),
+        ]
+        if on_grid:
+            s = grid_specs
+            semantics = tpu_params(("parallel", "parallel", "arbitrary"))
+            dq_and_params = _pallas_call(
+                dq_grid_kernel,
+                grid=(batch, nq, nk),
+                in_specs=[
+                    s["q"],
+                    s["kv"],
+                    s["kv"],
+                    s["q"],
+                    s["q_lse"],
+                    s["q_lse"],
+                    s["q_rows"],
+                    s["q_cols"],
+                    s["q_cols"],
+                    s["k_rows"],
+                    s["k_rows"],
+                    s["k_rows"],
+                    *consts_specs,
+                ],
+                out_specs=[
+                    s["q"],
+                    *[
+                        pl.BlockSpec((1, 1) + c.shape, lambda b, i, j, *_: (b, i, 0, 0))
+                        for c in diff2d
+                    ],
+                ],
+                out_shape=dq_shapes,
+                num_scalar_prefetch=2,
+                scratch_shapes=[vmem((num_heads, bq, head_dim)), *[vmem(c.shape) for c in diff2d]],
+                interpret=interpret,
+                compiler_params=semantics,
+                name="jpe_flash_dq",
+                n_replicated=n_replicated,
+            )(q_table, k_table, q_t, k_t, v_t, do_t, lse, delta, *rows_in, *diff2d, *fixed)
+            dk, dv = _pallas_call(
+                dkv_grid_kernel,
+                grid=(batch, nk, nq),
+                in_specs=[
+                    s["t_q"],
+                    s["t_kv"],
+                    s["t_kv"],
+                    s["t_q"],
+                    s["t_q_lse"],
+                    s["t_q_lse"],
+                    s["t_q_rows"],
+                    s["t_q_cols"],
+                    s["t_q_cols"],
+                    s["t_k_rows"],
+                    s["t_k_rows"],
+                    s["t_k_rows"],
+                    *consts_specs,
+                ],
+                out_specs=[s["t_kv"], s["t_kv"]],
+                out_shape=dkv_shapes,
+                num_scalar_prefetch=2,
+                scratch_shapes=[vmem((kv_heads, bk, head_dim)), vmem((kv_heads, bk, head_dim))],
+                interpret=interpret,
+                compiler_params=semantics,
+                name="jpe_flash_dkv",
+                n_replicated=n_replicated,
+            )(q_table, k_table, q_t, k_t, v_t, do_t, lse, delta, *rows_in, *diff2d, *fixed)
+        else:
+            s = block_specs
+            q_block = pl.BlockSpec((1, num_heads, bq, head_dim), lambda b, i: (b, 0, i, 0))
+            q_rows3 = pl.BlockSpec((1, num_heads, bq), lambda b, i: (b, 0, i))
+            kv_full = pl.BlockSpec((1, kv_heads, lk, head_dim), lambda b, i: (b, 0, 0, 0))
+            dq_and_params = _pallas_call(
+                dq_loop_kernel,
+                grid=(batch, nq),
+                in_specs=[
+                    q_block,
+                    kv_full,
+                    kv_full,
+                    q_block,
+                    q_rows3,
+                    q_rows3,
+                    s["q_rows"],
+                    s["q_cols"],
+                    s["q_cols"],
+                    s["k_all"],
+                    s["k_all"],
+                    s["k_all"],
+                    _full_spec(live.shape),
+                    _full_spec(k_lo.shape),
+                    _full_spec(k_hi.shape),
+                    *consts_specs,
+                ],
+                out_specs=[
+                    q_block,
+                    *[pl.BlockSpec((1, 1) + c.shape, lambda b, i: (b, i, 0, 0)) for c in diff2d],
+                ],
+                out_shape=dq_shapes,
+                interpret=interpret,
+                compiler_params=params,
+                name="jpe_flash_dq",
+                n_replicated=n_replicated,
+            )(q_t, k_t, v_t, do_t, lse, delta, *rows_in, live, k_lo, k_hi, *diff2d, *fixed)
+            q_full = pl.BlockSpec((1, num_heads, lq, head_dim), lambda b, j: (b, 0, 0, 0))
+            q_rows_full = pl.BlockSpec((1, num_heads, lq), lambda b, j: (b, 0, 0))
+            kv_block_spec = pl.BlockSpec((1, kv_heads, bk, head_dim), lambda b, j: (b, 0, j, 0))
+            dk, dv = _pallas_call(
+                dkv_loop_kernel,
+                grid=(batch, nk),
+                in_specs=[
+                    q_full,
+                    kv_block_spec,
+                    kv_block_spec,
+                    q_full,
+                    q_rows_full,
+                    q_rows_full,
+                    s["q_all"],
+                    s["q_cols_all"],
+                    s["q_cols_all"],
+                    s["k_rows"],
+                    s["k_rows"],
+                    s["k_rows"],
+                    _full_spec(live.shape),
+                    _full_spec(q_lo.shape),
+                    _full_spec(q_hi.shape),
+                    *consts_specs,
+                ],
+                out_specs=[kv_block_spec, kv_block_spec],
+                out_shape=dkv_shapes,
+                interpret=interpret,
+                compiler_params=params,
+                name="jpe_flash_dkv",
+                n_replicated=n_replicated,
+            )(q_t, k_t, v_t, do_t, lse, delta, *rows_in, live, q_lo, q_hi, *diff2d, *fixed)
         dq, dparams = dq_and_params[0], dq_and_params[1:]
         dparams = [
             p.sum((0, 1)).reshape(c.shape).astype(c.dtype)
             for p, c in zip(dparams, diff, strict=True)
         ]
-
-        q_full = pl.BlockSpec((1, num_heads, lq, head_dim), lambda b, j: (b, 0, 0, 0))
-        q_rows_full = pl.BlockSpec((1, num_heads, lq), lambda b, j: (b, 0, 0))
-        kv_block_spec = pl.BlockSpec((1, kv_heads, bk, head_dim), lambda b, j: (b, 0, j, 0))
-        dk, dv = _pallas_call(
-            dkv_kernel,
-            grid=(batch, nk),
-            in_specs=[
-                q_full,
-                kv_block_spec,
-                kv_block_spec,
-                q_full,
-                q_rows_full,
-                q_rows_full,
-                block_specs["q_all"],
-                block_specs["q_cols_all"],
-                block_specs["q_cols_all"],
-                block_specs["k_rows"],
-                block_specs["k_rows"],
-                block_specs["k_rows"],
-                table_spec(live.shape),
-                table_spec(q_lo.shape),
-                table_spec(q_hi.shape),
-                *consts_specs,
-            ],
-            out_specs=[kv_block_spec, kv_block_spec],
-            out_shape=[
-                jax.ShapeDtypeStruct(k_t.shape, k_t.dtype),
-                jax.ShapeDtypeStruct(v_t.shape, v_t.dtype),
-            ],
-            interpret=interpret,
-            compiler_params=params,
-            name="jpe_flash_dkv",
-            n_replicated=len(diff2d) + len(fixed),
-        )(q_t, k_t, v_t, do_t, lse, delta, *rows_in, live, q_lo, q_hi, *diff2d, *fixed)
         return dq, dk, dv, dparams
 
     @jax.custom_vjp

@@ -1,5 +1,11 @@
 """The fused Pallas kernel (interpret mode on CPU) against the blocked XLA path: outputs and the
-gradients of q, k, v and the bias's parameters, with causal skipping and dispatch's errors."""
+gradients of q, k, v and the bias's parameters, with causal skipping and dispatch's errors.
+
+The kernel has two layouts: programs that loop over key blocks (GPU's, and the CPU
+interpreter's by default) and a grid whose last axis walks the key blocks (TPU's); the `layout`
+fixture runs a test under each, both interpreted."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +14,7 @@ import pytest
 from flax import nnx
 
 import jpe
+from jpe import pallas_attention
 from jpe.attention import attention, choose_implementation
 from jpe.nn.config import TransformerConfig
 from jpe.nn.registry import encoding_class
@@ -58,6 +65,25 @@ def _run(implementation, pe, causal, q, k, v, w, heads=H, kv_heads=HKV, **kwargs
     return jax.jit(grad)(q, k, v, state)
 
 
+@pytest.fixture(params=["loop", "grid"])
+def layout(request, monkeypatch):
+    """"grid": `jpe.attention(implementation="pallas")` runs the TPU layout of the kernel
+    (interpreted, as on CPU it always is)."""
+    calls = []
+    if request.param == "grid":
+        original = pallas_attention.flash_attention
+
+        @functools.wraps(original)
+        def on_tpu_grid(*args, **kwargs):
+            calls.append(kwargs["platform"])
+            return original(*args, **{**kwargs, "platform": "tpu", "interpret": True})
+
+        monkeypatch.setattr(pallas_attention, "flash_attention", on_tpu_grid)
+    yield request.param
+    if request.param == "grid":
+        assert calls, "the test never reached the kernel"
+
+
 def _assert_same(got, want, atol=2e-5):
     (_, out), grads = got
     (_, out_ref), grads_ref = want
@@ -74,7 +100,7 @@ CASES += [("t5", False)]
 
 
 @pytest.mark.parametrize(("pe", "causal"), CASES)
-def test_matches_xla_forward_and_gradients(pe, causal):
+def test_matches_xla_forward_and_gradients(pe, causal, layout):
     q, k, v, w = _qkv(0)
     got = _run("pallas", pe, causal, q, k, v, w)
     _assert_same(got, _run("xla", pe, causal, q, k, v, w))
@@ -82,7 +108,7 @@ def test_matches_xla_forward_and_gradients(pe, causal):
         assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(got[1][3]))
 
 
-def test_packed_rows_gqa_and_rows_without_keys():
+def test_packed_rows_gqa_and_rows_without_keys(layout):
     """Three packed segments, positions restarting in each; the last segment's keys are all
     invalid, so its queries have no key: zeros, and finite gradients."""
     q, k, v, w = _qkv(1, heads=4, kv_heads=2)
@@ -103,7 +129,7 @@ def test_packed_rows_gqa_and_rows_without_keys():
     np.testing.assert_array_equal(out[:, 16:], 0.0)
 
 
-def test_causal_skips_blocks_above_the_diagonal():
+def test_causal_skips_blocks_above_the_diagonal(layout):
     """Keys 16..19 (the last block) hold NaN: rows 0..15 stay finite, in the output and
     in dq, only if the kernel never computes the blocks above the diagonal (a computed block would
     meet NaN in P @ V even where the mask zeroes P)."""
