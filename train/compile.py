@@ -1,6 +1,7 @@
 """Compile the sharded train step of `train/lm.py` ahead of time for a TPU topology.
 
     python train/compile.py --topology=v5e:2x2 --pe=alibi --seq-len=8192
+    python train/compile.py --platform=gpu --pe=alibi --seq-len=8192   # lowering for CUDA
 
 needs `libtpu` (`pip install "jpe[tpu]"`), not a TPU: the devices come from
 `jax.experimental.topologies.get_topology_desc`, the step is lowered from `ShapeDtypeStruct`s
@@ -9,15 +10,21 @@ the batch over `data`), compiled with `.lower().compile()`, and the compiler's p
 memory (`memory_analysis()`) and cost estimates (`cost_analysis()`) are printed. Attention is
 built for TPU: the fused Pallas kernel (Mosaic) for the encodings it serves, unless
 `--attention` says otherwise. Exit status 4 when the step does not fit a device's HBM (or the
-compiler runs out of it). Every other flag is `train/lm.py`'s.
+compiler runs out of it). `--platform=gpu` lowers the same step for CUDA instead (Triton
+kernels; the mesh is made of this machine's devices), which shows lowering errors but no
+memory figures. Every other flag is `train/lm.py`'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
+
+# libtpu allows one process at a time unless told otherwise; compiling needs no chip.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -47,11 +54,21 @@ def _opt_shardings(opt_state, p_shardings, replicated):
 
 def compile_step(cfg, topology: str):
     """`(compiled, mesh)`: the train step of `cfg` (a `TrainConfig`) compiled for `topology`."""
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    lowered, mesh = lower_step(cfg, topo.devices, "tpu")
+    return lowered.compile(), mesh
+
+
+def lower_step(cfg, devices, platform: str):
+    """`(lowered, mesh)`: the sharded train step of `cfg` lowered over `devices` with
+    attention built for `platform` ("tpu", or "gpu": lowered for CUDA, whatever `devices`
+    are, so that Triton lowering errors show on a CPU machine)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-    from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from jpe.attention import target_backend
@@ -59,8 +76,7 @@ def compile_step(cfg, topology: str):
     from jpe.lab import core, sharding
     from jpe.nn.transformer import Transformer
 
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-    devices = np.asarray(topo.devices)
+    devices = np.asarray(devices)
     data, model_axis = sharding.parse_mesh(cfg.mesh, devices.size)
     mesh = Mesh(devices.reshape(data, model_axis), ("data", "model"))
     if cfg.batch_size % data:
@@ -109,9 +125,11 @@ def compile_step(cfg, topology: str):
         out_shardings=(p_shardings, o_shardings, replicated),
         donate_argnums=(0, 1),
     )
-    with jax.set_mesh(mesh), target_backend("tpu"):
-        lowered = jitted.lower(abstract_params, abstract_opt, batch, step)
-    return lowered.compile(), mesh
+    with jax.set_mesh(mesh), target_backend(platform):
+        if platform == "gpu":
+            traced = jitted.trace(abstract_params, abstract_opt, batch, step)
+            return traced.lower(lowering_platforms=("cuda",)), mesh
+        return jitted.lower(abstract_params, abstract_opt, batch, step), mesh
 
 
 def main(argv=None) -> int:
@@ -127,6 +145,13 @@ def main(argv=None) -> int:
     p = lm.parser(preset)
     p.description = __doc__
     p.add_argument("--topology", default="v5e:2x2", help="TPU topology, e.g. v5e:2x2, v5p:2x2x1")
+    p.add_argument(
+        "--platform",
+        choices=("tpu", "gpu"),
+        default="tpu",
+        help="tpu: compile for --topology and print memory; gpu: lower for CUDA only (this "
+        "machine's devices make the mesh; no memory figures without a GPU)",
+    )
     args = p.parse_args(argv)
     try:
         cfg = lm.build_config(args)
@@ -140,14 +165,38 @@ def main(argv=None) -> int:
                 query_bias_fn=True if hooks.query_bias else None,
                 value_fn=True if hooks.value else None,
                 contextual_bias_fn=True if hooks.contextual_bias else None,
-                backend="tpu",
+                dtype=cfg.model.dtype,
+                backend=args.platform,
             )
             cfg = dataclasses.replace(cfg, model=cfg.model.replace(attention=choice))
+        target = args.topology if args.platform == "tpu" else "CUDA (lowering only)"
         print(
             f"compiling the train step: pe={cfg.model.pe} attention={cfg.model.attention} "
-            f"seq_len={cfg.seq_len} batch_size={cfg.batch_size} topology={args.topology}",
+            f"seq_len={cfg.seq_len} batch_size={cfg.batch_size} for {target}",
             flush=True,
         )
+        if args.platform == "gpu":
+            import jax
+
+            try:
+                lowered, mesh = lower_step(cfg, jax.devices(), "gpu")
+            except RuntimeError as e:
+                if "cudnn" not in str(e).lower():
+                    raise
+                print(
+                    f"error: attention={cfg.model.attention} cannot be lowered without a GPU "
+                    f"(JAX looks for cuDNN while tracing: {str(e).splitlines()[0]}); "
+                    f"--attention=pallas lowers the fused kernel instead",
+                    file=sys.stderr,
+                )
+                return 2
+            text = lowered.as_text()
+            print(
+                f"lowered for CUDA on mesh {dict(mesh.shape)}: {len(text):,} characters of "
+                f"StableHLO, {text.count('__gpu$xla.gpu.triton')} Triton kernel calls, "
+                f"{text.count('cudnn')} cuDNN mentions"
+            )
+            return 0
         compiled, mesh = compile_step(cfg, args.topology)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
