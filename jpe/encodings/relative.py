@@ -94,8 +94,32 @@ def _head_vector(name: str, x: ArrayLike) -> jax.Array:
 
 def _anchored(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Float32 positions measured from the block's first query (differences are unchanged)."""
-    anchor = q[..., :1] if q.shape[-1] else jnp.zeros(q.shape[:-1] + (1,), q.dtype)
+    # q[..., :1] as a masked sum: Pallas kernels (Triton) cannot slice a value.
+    first = jax.lax.broadcasted_iota(jnp.int32, q.shape, q.ndim - 1) == 0
+    anchor = jnp.where(first, q, 0).sum(-1, keepdims=True)
     return (q - anchor).astype(jnp.float32), (k - anchor).astype(jnp.float32)
+
+
+def _inner(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`[*B, M, F]`, `[*B, N, F]` -> `[*B, M, N]` float32 inner products. One batch row is
+    contracted as a 2-D product, the only kind Pallas kernels (Triton) lower."""
+    batch = a.shape[:-2]
+    if math.prod(batch) == 1:
+        out = jax.lax.dot_general(
+            a.reshape(a.shape[-2:]),
+            b.reshape(b.shape[-2:]),
+            (((1,), (1,)), ((), ())),
+            precision=_HIGHEST,
+        )
+        return out.reshape(batch + out.shape)
+    return jnp.einsum("...if,...jf->...ij", a, b, precision=_HIGHEST)
+
+
+def _entry(x: jax.Array, index: int, axis: int) -> jax.Array:
+    """`x` at `index` along `axis`, that axis kept as 1: a masked sum over an iota, since
+    Pallas kernels cannot slice or gather a value."""
+    hit = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) == index
+    return jnp.where(hit, x, 0.0).sum(axis, keepdims=True)
 
 
 def _trailing(x: jax.Array, ndim: int) -> jax.Array:
@@ -253,7 +277,10 @@ def t5_bias(
 ) -> jax.Array:
     """T5 relative attention bias: a learned scalar per head and bucket (arXiv 1910.10683).
 
-    bias[h, i, j] = table[t5_relative_bucket(k_j - q_i), h].
+    bias[h, i, j] = table[t5_relative_bucket(k_j - q_i), h],
+
+    looked up by one select per bucket (no gather), so the same code runs inside the fused
+    Pallas kernel (Triton and Mosaic).
 
     Args:
       q_positions: integer `[..., Lq]` query positions.
@@ -279,7 +306,16 @@ def t5_bias(
         num_buckets=table.shape[0],
         max_distance=max_distance,
     )
-    return jnp.moveaxis(table[buckets], -1, -3)  # [..., Lq, Lk, H] -> [..., H, Lq, Lk]
+    # The lookup as one select per bucket rather than a gather (table[buckets]): Pallas kernels
+    # lower selects but not gathers, the gradient is a plain reduction rather than a
+    # scatter-add, and on XLA:CPU it is several times faster. Row b of the table is taken by
+    # a masked sum (`_entry`), as a kernel cannot slice a value.
+    buckets = buckets[..., None, :, :]  # [..., 1, Lq, Lk]
+    out = jnp.zeros(buckets.shape[:-3] + (table.shape[1],) + buckets.shape[-2:], jnp.float32)
+    for b in range(table.shape[0]):
+        row = _entry(table, b, 0)[0]  # [H]
+        out = jnp.where(buckets == b, _per_head(row, q.ndim - 1), out)
+    return out
 
 
 # ----------------------------------------------------------------------------- KERPLE
@@ -386,13 +422,13 @@ def sandwich_bias(
     freqs = jnp.asarray(freqs, jnp.float32)
     qf, kf = _anchored(q, k)
 
-    def embed(x: jax.Array) -> jax.Array:  # [..., L] -> [..., L, dim]
-        angle = x[..., None] * _trailing(freqs, x.ndim + 1)
-        return jnp.concatenate([jnp.cos(angle), jnp.sin(angle)], axis=-1)
-
-    inner = jnp.einsum("...if,...jf->...ij", embed(qf), embed(kf), precision=_HIGHEST)
-    scales = jnp.arange(1, num_heads + 1, dtype=jnp.float32) * (8.0 / num_heads)
-    return (inner - dim / 2)[..., None, :, :] / _per_head(scales, q.ndim - 1)
+    angle_q = qf[..., None] * _trailing(freqs, qf.ndim + 1)  # [..., Lq, dim / 2]
+    angle_k = kf[..., None] * _trailing(freqs, kf.ndim + 1)
+    # [cos, sin] . [cos, sin] as two products rather than one of concatenations, which
+    # Pallas kernels do not lower.
+    inner = _inner(jnp.cos(angle_q), jnp.cos(angle_k)) + _inner(jnp.sin(angle_q), jnp.sin(angle_k))
+    scales = np.arange(1, num_heads + 1, dtype=np.float32) * np.float32(8.0 / num_heads)
+    return (inner - dim / 2)[..., None, :, :] / _per_head(jnp.asarray(scales), q.ndim - 1)
 
 
 # ----------------------------------------------------------------------------- FIRE
