@@ -122,6 +122,41 @@ def _entry(x: jax.Array, index: int, axis: int) -> jax.Array:
     return jnp.where(hit, x, 0.0).sum(axis, keepdims=True)
 
 
+def _feature_major_mlp(x, w_in, b_in, layers, activation, w_out, b_out) -> jax.Array:
+    """An MLP applied to every entry of `x` `[*B, Lq, Lk]`, in the layout Pallas kernels
+    (Triton and Mosaic) lower: features lead, `[F, *B * Lq, Lk]`, so the minor axes stay the
+    block's, each inner layer is one 2-D product `[G, F] x [F, *B * Lq * Lk]`, and the output
+    layer is one weighted sum over the features per head; no gather, concatenate or batched
+    product. Returns `[*B, H, Lq, Lk]`.
+
+    The first layer maps 1 -> F (`w_in` `[1, F]` or `[F]`, `b_in` `[F]`), then each of
+    `layers` (`(activation_before, w [F, G], b [G])`) applies the activation and a dense
+    layer, and the output layer applies `activation` and maps to H (`w_out` `[G, H]`,
+    `b_out` `[H]`).
+    """
+    batch, (lq, lk) = x.shape[:-2], x.shape[-2:]
+    rows = x.reshape(-1, lk)  # [M, Lk], M = *B * Lq
+
+    def column(v: jax.Array) -> jax.Array:  # [F] -> [F, 1, 1]
+        return v.reshape(v.size).reshape(v.size, 1, 1)
+
+    h = rows[None] * column(w_in) + column(b_in)  # [F, M, Lk]
+    for act, w, b in layers:
+        h = act(h)
+        flat = h.reshape(h.shape[0], -1)
+        flat = jax.lax.dot_general(w, flat, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+        h = flat.reshape((w.shape[1],) + rows.shape) + column(b)
+    h = activation(h)
+    heads = w_out.shape[1]
+    head = jax.lax.broadcasted_iota(jnp.int32, (heads, 1, 1), 0)
+    out = _per_head(b_out, len(batch))
+    for g in range(heads):
+        per_head = (h * column(_entry(w_out, g, 1))).sum(0)  # [M, Lk]
+        per_head = per_head.reshape(batch + (1, lq, lk))
+        out = out + jnp.where(head == g, per_head, 0.0)
+    return out
+
+
 def _trailing(x: jax.Array, ndim: int) -> jax.Array:
     """`[F]` -> `[1, ..., 1, F]` of rank `ndim`, to meet a `[..., F]` tensor."""
     return x.reshape((1,) * (ndim - 1) + (x.shape[-1],))
@@ -519,6 +554,7 @@ def fire_bias(
     params: Mapping[str, ArrayLike],
     *,
     causal: bool = True,
+    kernel: bool = False,
 ) -> jax.Array:
     """FIRE: functional interpolation for relative positions (Li et al., arXiv 2310.04418).
 
@@ -552,6 +588,9 @@ def fire_bias(
       params: mapping with "c" `[]`, "L" `[]`, "w1" `[1, hidden]` or `[hidden]`, "b1"
         `[hidden]`, "w2" `[hidden, H]`, "b2" `[H]` (see `fire_init`).
       causal: whether future keys are masked by the caller (see above).
+      kernel: compute the MLP in `_feature_major_mlp`'s layout, the one the fused Pallas
+        kernel lowers (Triton and Mosaic); equal up to float32 rounding, but many times slower
+        under XLA, so the default (False) is a `[..., Lq, Lk, hidden]` einsum.
 
     Returns:
       float32 `[..., H, Lq, Lk]` bias.
@@ -569,6 +608,8 @@ def fire_bias(
     normaliser = jnp.log1p(c * jnp.maximum(threshold, q.astype(jnp.float32))) + _FIRE_EPS
     x = numerator / normaliser[..., :, None]
 
+    if kernel:
+        return _feature_major_mlp(x, p["w1"], p["b1"], [], jax.nn.relu, p["w2"], p["b2"])
     x = x[..., None]  # [..., Lq, Lk, 1]
     hidden = jax.nn.relu(x * _trailing(p["w1"], x.ndim) + _trailing(p["b1"], x.ndim))
     out = jnp.einsum("...ijf,fh->...hij", hidden, p["w2"], precision=_HIGHEST)
@@ -833,7 +874,11 @@ _DPB_KEYS = ("w1", "b1", "w2", "b2", "w3", "b3")
 
 
 def dpb_bias(
-    q_positions: ArrayLike, k_positions: ArrayLike, params: Mapping[str, ArrayLike]
+    q_positions: ArrayLike,
+    k_positions: ArrayLike,
+    params: Mapping[str, ArrayLike],
+    *,
+    kernel: bool = False,
 ) -> jax.Array:
     """Dynamic position bias: an MLP from the relative distance to one bias per head.
 
@@ -851,6 +896,9 @@ def dpb_bias(
       q_positions: integer `[..., Lq]`.
       k_positions: integer `[..., Lk]`.
       params: mapping with the keys of `dpb_init`.
+      kernel: compute the MLP in `_feature_major_mlp`'s layout, the one the fused Pallas
+        kernel lowers (Triton and Mosaic); equal up to float32 rounding, but many times slower
+        under XLA, so the default (False) is a `[..., Lq, Lk, hidden]` einsum.
 
     Returns:
       float32 `[..., H, Lq, Lk]`.
@@ -874,7 +922,15 @@ def dpb_bias(
         if hidden is None or p[name].shape != shape:
             raise ValueError(f'params["{name}"] must have shape {shape}, got {p[name].shape}')
     distance = (-_key_minus_query(q, k)).astype(jnp.float32)  # i - j
-    x = (jnp.sign(distance) * jnp.log1p(jnp.abs(distance)))[..., None]  # [..., Lq, Lk, 1]
+    # sign(d) log(1 + |d|) by a select: Mosaic's `sign` asks the device for its TPU generation,
+    # so it cannot be compiled ahead of time.
+    magnitude = jnp.log1p(jnp.abs(distance))
+    x = jnp.where(distance < 0, -magnitude, magnitude)  # [..., Lq, Lk]
+    if kernel:
+        return _feature_major_mlp(
+            x, p["w1"], p["b1"], [(jax.nn.silu, p["w2"], p["b2"])], jax.nn.silu, p["w3"], p["b3"]
+        )
+    x = x[..., None]  # [..., Lq, Lk, 1]
     h = jax.nn.silu(x * _trailing(p["w1"][0], x.ndim) + _trailing(p["b1"], x.ndim))
     h = jax.nn.silu(
         jnp.einsum("...f,fg->...g", h, p["w2"], precision=_HIGHEST) + _trailing(p["b2"], x.ndim)
