@@ -40,6 +40,8 @@ it out. On CPU the kernel runs with `interpret=True`.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -158,6 +160,17 @@ def _eval_jaxpr(jaxpr, consts, *args):
         for var, value in zip(eqn.outvars, outs, strict=True):
             env[var] = value
     return [read(v) for v in jaxpr.outvars]
+
+
+def _kernel_form(bias_fn: Callable) -> Callable:
+    """`bias_fn(..., kernel=True)` where it takes that keyword (`jpe.Encoding.bias`: the form
+    with no gather, slice, concatenate or batched product, which Triton and Mosaic lower),
+    else `bias_fn`."""
+    try:
+        parameters = inspect.signature(bias_fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return bias_fn
+    return functools.partial(bias_fn, kernel=True) if "kernel" in parameters else bias_fn
 
 
 def _trace_bias(bias_fn: Callable, bq: int, bk: int, num_heads: int):
@@ -332,7 +345,8 @@ def flash_attention(
       q: `[B, Lq, H, D]`; k, v: `[B, Lk, Hkv, D]` with H a multiple of Hkv.
       bias_fn: None, or `bias_fn(q_positions, k_positions)` with `[1, bq]` and `[1, bk]` int32
         positions returning `[1, H or 1, bq, bk]` (or `[H or 1, bq, bk]`) float; it must read
-        nothing but the positions and arrays it closes over.
+        nothing but the positions and arrays it closes over. If it takes a `kernel` keyword
+        (`jpe.Encoding.bias`), it is called with `kernel=True`.
       causal: mask keys whose position exceeds the query's.
       q_positions, q_segment_ids: `[B or 1, Lq]` ints; k_positions, k_segment_ids, kv_valid:
         `[B or 1, Lk]` (kv_valid boolean).
@@ -357,7 +371,7 @@ def flash_attention(
     traced = None
     if bias_fn is not None:
         bq, bk = min(block_size, q_len), min(block_size, k_len)
-        traced = _trace_bias(bias_fn, bq, bk, num_heads)
+        traced = _trace_bias(_kernel_form(bias_fn), bq, bk, num_heads)
     return _flash_local(
         q,
         k,

@@ -67,7 +67,7 @@ def _run(implementation, pe, causal, q, k, v, w, heads=H, kv_heads=HKV, **kwargs
 
 @pytest.fixture(params=["loop", "grid"])
 def layout(request, monkeypatch):
-    """"grid": `jpe.attention(implementation="pallas")` runs the TPU layout of the kernel
+    """ "grid": `jpe.attention(implementation="pallas")` runs the TPU layout of the kernel
     (interpreted, as on CPU it always is)."""
     calls = []
     if request.param == "grid":
@@ -199,34 +199,69 @@ def test_transformer_passes_its_attention_choice():
         model(jnp.zeros((1, 8), jnp.int32))
 
 
-@pytest.mark.parametrize("pe", ["none", "alibi", "kerple"])
-def test_lowers_to_triton_for_gpu(pe):
-    """Forward and backward lower for CUDA (Triton IR) on a machine without a GPU."""
-    config = TransformerConfig(pe=pe, d_model=64, num_heads=2)
+def _kernel_loss(pe, length, heads, head_dim, block, platform, **options):
+    """(loss of q, k, v and the encoding's state, the state): the kernel's output summed (the
+    kernel asks the encoding for the form of its bias that lowers, `bias(..., kernel=True)`)."""
+    config = TransformerConfig(
+        pe=pe, d_model=heads * head_dim, num_heads=heads, pe_options=options or None
+    )
     graphdef, state = nnx.split(encoding_class(pe)(config, rngs=nnx.Rngs(0)))
-    length = 64
     positions, zeros = jnp.arange(length)[None], jnp.zeros((1, length), jnp.int32)
 
     def loss(q, k, v, state):
         encoding = nnx.merge(graphdef, state)
+        bias_fn = encoding.bias if pe != "none" else None
         out = flash_attention(
             q,
             k,
             v,
-            bias_fn=encoding.bias if pe != "none" else None,
+            bias_fn=bias_fn,
             causal=True,
             q_positions=positions,
             k_positions=positions,
             q_segment_ids=zeros,
             k_segment_ids=zeros,
             kv_valid=jnp.ones((1, length), bool),
-            block_size=32,
-            scale=32**-0.5,
-            platform="gpu",
+            block_size=block,
+            scale=head_dim**-0.5,
+            platform=platform,
         )
         return out.astype(jnp.float32).sum()
 
-    x = jax.ShapeDtypeStruct((1, length, 2, 32), jnp.bfloat16)
+    return loss, state
+
+
+BIASES = ["alibi", "kerple", "t5", "sandwich", "fire", "dpb"]
+
+
+@pytest.mark.parametrize("pe", ["none", *BIASES])
+def test_lowers_to_triton_for_gpu(pe):
+    """Forward and backward lower for CUDA (Triton IR) on a machine without a GPU."""
+    length, heads, head_dim = 64, 2, 32
+    loss, state = _kernel_loss(pe, length, heads, head_dim, 32, "gpu")
+    x = jax.ShapeDtypeStruct((1, length, heads, head_dim), jnp.bfloat16)
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
     text = grad.trace(x, x, x, state).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
+
+
+@pytest.mark.parametrize("pe", BIASES)
+def test_compiles_for_tpu(pe):
+    """Forward and backward compile for a TPU (Mosaic) ahead of time, with no TPU: bf16,
+    length 256 in blocks of 128, head_dim 64."""
+    from jax.experimental import topologies  # libtpu: in the test extra, so never skipped
+
+    topology = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
+    device = jax.sharding.SingleDeviceSharding(topology.devices[0])
+    length, heads, head_dim = 256, 2, 64
+    options = {"hidden": 8} if pe in ("fire", "dpb") else {}  # a smaller MLP compiles faster
+    loss, state = _kernel_loss(pe, length, heads, head_dim, 128, "tpu", **options)
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=device)
+
+    x = spec((1, length, heads, head_dim), jnp.bfloat16)
+    state = jax.tree.map(lambda a: spec(a.shape, a.dtype), state)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    compiled = grad.trace(x, x, x, state).lower(lowering_platforms=("tpu",)).compile()
+    assert "jpe_flash_dkv" in compiled.as_text()

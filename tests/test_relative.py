@@ -791,3 +791,37 @@ def test_dpb_errors():
         rel.dpb_bias(np.arange(3), np.arange(3), {"w1": params["w1"]})
     with pytest.raises(ValueError, match="num_heads"):
         rel.dpb_init(jax.random.PRNGKey(0), 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "positions"),
+    [
+        ("fire", (Q_POS, K_POS)),  # [2, Lq], [2, Lk]
+        ("fire-bidirectional", (Q_POS[:1], K_POS[:1])),  # one row, as a kernel block
+        ("dpb", (Q_POS[0], K_POS[0])),  # unbatched
+        ("dpb", (Q_POS, K_POS)),
+    ],
+)
+def test_kernel_forms_match_the_references_and_their_gradients(name, positions):
+    """`kernel=True` (the layout the fused Pallas kernel lowers) against the numpy references,
+    and its parameter gradients against those of the default form."""
+    qp, kp = positions
+    if name.startswith("fire"):
+        params, causal = make_fire_params(), name == "fire"
+        fn = functools.partial(rel.fire_bias, qp, kp, causal=causal)
+        want = fire_ref(np.atleast_2d(qp), np.atleast_2d(kp), params, causal)
+    else:
+        params = rel.dpb_init(jax.random.PRNGKey(0), 3, hidden=8)
+        fn = functools.partial(rel.dpb_bias, qp, kp)
+        rows = zip(*np.atleast_2d(qp, kp), strict=True)
+        want = np.stack([_dpb_reference(q, k, params) for q, k in rows])
+    got = fn(params, kernel=True)
+    np.testing.assert_allclose(got, want.reshape(got.shape), **TOL)
+    weights = jax.random.normal(jax.random.PRNGKey(1), got.shape)
+
+    def loss(p, kernel):
+        return jnp.sum(fn(p, kernel=kernel) * weights)
+
+    grads = jax.grad(loss)(params, True)
+    for key, g in jax.grad(loss)(params, False).items():
+        np.testing.assert_allclose(grads[key], g, rtol=1e-4, atol=1e-5)

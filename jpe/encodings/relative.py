@@ -94,8 +94,67 @@ def _head_vector(name: str, x: ArrayLike) -> jax.Array:
 
 def _anchored(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Float32 positions measured from the block's first query (differences are unchanged)."""
-    anchor = q[..., :1] if q.shape[-1] else jnp.zeros(q.shape[:-1] + (1,), q.dtype)
+    # q[..., :1] as a masked sum: Pallas kernels (Triton) cannot slice a value.
+    first = jax.lax.broadcasted_iota(jnp.int32, q.shape, q.ndim - 1) == 0
+    anchor = jnp.where(first, q, 0).sum(-1, keepdims=True)
     return (q - anchor).astype(jnp.float32), (k - anchor).astype(jnp.float32)
+
+
+def _inner(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`[*B, M, F]`, `[*B, N, F]` -> `[*B, M, N]` float32 inner products. One batch row is
+    contracted as a 2-D product, the only kind Pallas kernels (Triton) lower."""
+    batch = a.shape[:-2]
+    if math.prod(batch) == 1:
+        out = jax.lax.dot_general(
+            a.reshape(a.shape[-2:]),
+            b.reshape(b.shape[-2:]),
+            (((1,), (1,)), ((), ())),
+            precision=_HIGHEST,
+        )
+        return out.reshape(batch + out.shape)
+    return jnp.einsum("...if,...jf->...ij", a, b, precision=_HIGHEST)
+
+
+def _entry(x: jax.Array, index: int, axis: int) -> jax.Array:
+    """`x` at `index` along `axis`, that axis kept as 1: a masked sum over an iota, since
+    Pallas kernels cannot slice or gather a value."""
+    hit = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) == index
+    return jnp.where(hit, x, 0.0).sum(axis, keepdims=True)
+
+
+def _feature_major_mlp(x, w_in, b_in, layers, activation, w_out, b_out) -> jax.Array:
+    """An MLP applied to every entry of `x` `[*B, Lq, Lk]`, in the layout Pallas kernels
+    (Triton and Mosaic) lower: features lead, `[F, *B * Lq, Lk]`, so the minor axes stay the
+    block's, each inner layer is one 2-D product `[G, F] x [F, *B * Lq * Lk]`, and the output
+    layer is one weighted sum over the features per head; no gather, concatenate or batched
+    product. Returns `[*B, H, Lq, Lk]`.
+
+    The first layer maps 1 -> F (`w_in` `[1, F]` or `[F]`, `b_in` `[F]`), then each of
+    `layers` (`(activation_before, w [F, G], b [G])`) applies the activation and a dense
+    layer, and the output layer applies `activation` and maps to H (`w_out` `[G, H]`,
+    `b_out` `[H]`).
+    """
+    batch, (lq, lk) = x.shape[:-2], x.shape[-2:]
+    rows = x.reshape(-1, lk)  # [M, Lk], M = *B * Lq
+
+    def column(v: jax.Array) -> jax.Array:  # [F] -> [F, 1, 1]
+        return v.reshape(v.size).reshape(v.size, 1, 1)
+
+    h = rows[None] * column(w_in) + column(b_in)  # [F, M, Lk]
+    for act, w, b in layers:
+        h = act(h)
+        flat = h.reshape(h.shape[0], -1)
+        flat = jax.lax.dot_general(w, flat, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+        h = flat.reshape((w.shape[1],) + rows.shape) + column(b)
+    h = activation(h)
+    heads = w_out.shape[1]
+    head = jax.lax.broadcasted_iota(jnp.int32, (heads, 1, 1), 0)
+    out = _per_head(b_out, len(batch))
+    for g in range(heads):
+        per_head = (h * column(_entry(w_out, g, 1))).sum(0)  # [M, Lk]
+        per_head = per_head.reshape(batch + (1, lq, lk))
+        out = out + jnp.where(head == g, per_head, 0.0)
+    return out
 
 
 def _trailing(x: jax.Array, ndim: int) -> jax.Array:
@@ -253,7 +312,10 @@ def t5_bias(
 ) -> jax.Array:
     """T5 relative attention bias: a learned scalar per head and bucket (arXiv 1910.10683).
 
-    bias[h, i, j] = table[t5_relative_bucket(k_j - q_i), h].
+    bias[h, i, j] = table[t5_relative_bucket(k_j - q_i), h],
+
+    looked up by one select per bucket (no gather), so the same code runs inside the fused
+    Pallas kernel (Triton and Mosaic).
 
     Args:
       q_positions: integer `[..., Lq]` query positions.
@@ -279,7 +341,16 @@ def t5_bias(
         num_buckets=table.shape[0],
         max_distance=max_distance,
     )
-    return jnp.moveaxis(table[buckets], -1, -3)  # [..., Lq, Lk, H] -> [..., H, Lq, Lk]
+    # The lookup as one select per bucket rather than a gather (table[buckets]): Pallas kernels
+    # lower selects but not gathers, the gradient is a plain reduction rather than a
+    # scatter-add, and on XLA:CPU it is several times faster. Row b of the table is taken by
+    # a masked sum (`_entry`), as a kernel cannot slice a value.
+    buckets = buckets[..., None, :, :]  # [..., 1, Lq, Lk]
+    out = jnp.zeros(buckets.shape[:-3] + (table.shape[1],) + buckets.shape[-2:], jnp.float32)
+    for b in range(table.shape[0]):
+        row = _entry(table, b, 0)[0]  # [H]
+        out = jnp.where(buckets == b, _per_head(row, q.ndim - 1), out)
+    return out
 
 
 # ----------------------------------------------------------------------------- KERPLE
@@ -386,13 +457,13 @@ def sandwich_bias(
     freqs = jnp.asarray(freqs, jnp.float32)
     qf, kf = _anchored(q, k)
 
-    def embed(x: jax.Array) -> jax.Array:  # [..., L] -> [..., L, dim]
-        angle = x[..., None] * _trailing(freqs, x.ndim + 1)
-        return jnp.concatenate([jnp.cos(angle), jnp.sin(angle)], axis=-1)
-
-    inner = jnp.einsum("...if,...jf->...ij", embed(qf), embed(kf), precision=_HIGHEST)
-    scales = jnp.arange(1, num_heads + 1, dtype=jnp.float32) * (8.0 / num_heads)
-    return (inner - dim / 2)[..., None, :, :] / _per_head(scales, q.ndim - 1)
+    angle_q = qf[..., None] * _trailing(freqs, qf.ndim + 1)  # [..., Lq, dim / 2]
+    angle_k = kf[..., None] * _trailing(freqs, kf.ndim + 1)
+    # [cos, sin] . [cos, sin] as two products rather than one of concatenations, which
+    # Pallas kernels do not lower.
+    inner = _inner(jnp.cos(angle_q), jnp.cos(angle_k)) + _inner(jnp.sin(angle_q), jnp.sin(angle_k))
+    scales = np.arange(1, num_heads + 1, dtype=np.float32) * np.float32(8.0 / num_heads)
+    return (inner - dim / 2)[..., None, :, :] / _per_head(jnp.asarray(scales), q.ndim - 1)
 
 
 # ----------------------------------------------------------------------------- FIRE
@@ -483,6 +554,7 @@ def fire_bias(
     params: Mapping[str, ArrayLike],
     *,
     causal: bool = True,
+    kernel: bool = False,
 ) -> jax.Array:
     """FIRE: functional interpolation for relative positions (Li et al., arXiv 2310.04418).
 
@@ -516,6 +588,9 @@ def fire_bias(
       params: mapping with "c" `[]`, "L" `[]`, "w1" `[1, hidden]` or `[hidden]`, "b1"
         `[hidden]`, "w2" `[hidden, H]`, "b2" `[H]` (see `fire_init`).
       causal: whether future keys are masked by the caller (see above).
+      kernel: compute the MLP in `_feature_major_mlp`'s layout, the one the fused Pallas
+        kernel lowers (Triton and Mosaic); equal up to float32 rounding, but many times slower
+        under XLA, so the default (False) is a `[..., Lq, Lk, hidden]` einsum.
 
     Returns:
       float32 `[..., H, Lq, Lk]` bias.
@@ -533,6 +608,8 @@ def fire_bias(
     normaliser = jnp.log1p(c * jnp.maximum(threshold, q.astype(jnp.float32))) + _FIRE_EPS
     x = numerator / normaliser[..., :, None]
 
+    if kernel:
+        return _feature_major_mlp(x, p["w1"], p["b1"], [], jax.nn.relu, p["w2"], p["b2"])
     x = x[..., None]  # [..., Lq, Lk, 1]
     hidden = jax.nn.relu(x * _trailing(p["w1"], x.ndim) + _trailing(p["b1"], x.ndim))
     out = jnp.einsum("...ijf,fh->...hij", hidden, p["w2"], precision=_HIGHEST)
@@ -797,7 +874,11 @@ _DPB_KEYS = ("w1", "b1", "w2", "b2", "w3", "b3")
 
 
 def dpb_bias(
-    q_positions: ArrayLike, k_positions: ArrayLike, params: Mapping[str, ArrayLike]
+    q_positions: ArrayLike,
+    k_positions: ArrayLike,
+    params: Mapping[str, ArrayLike],
+    *,
+    kernel: bool = False,
 ) -> jax.Array:
     """Dynamic position bias: an MLP from the relative distance to one bias per head.
 
@@ -815,6 +896,9 @@ def dpb_bias(
       q_positions: integer `[..., Lq]`.
       k_positions: integer `[..., Lk]`.
       params: mapping with the keys of `dpb_init`.
+      kernel: compute the MLP in `_feature_major_mlp`'s layout, the one the fused Pallas
+        kernel lowers (Triton and Mosaic); equal up to float32 rounding, but many times slower
+        under XLA, so the default (False) is a `[..., Lq, Lk, hidden]` einsum.
 
     Returns:
       float32 `[..., H, Lq, Lk]`.
@@ -838,7 +922,15 @@ def dpb_bias(
         if hidden is None or p[name].shape != shape:
             raise ValueError(f'params["{name}"] must have shape {shape}, got {p[name].shape}')
     distance = (-_key_minus_query(q, k)).astype(jnp.float32)  # i - j
-    x = (jnp.sign(distance) * jnp.log1p(jnp.abs(distance)))[..., None]  # [..., Lq, Lk, 1]
+    # sign(d) log(1 + |d|) by a select: Mosaic's `sign` asks the device for its TPU generation,
+    # so it cannot be compiled ahead of time.
+    magnitude = jnp.log1p(jnp.abs(distance))
+    x = jnp.where(distance < 0, -magnitude, magnitude)  # [..., Lq, Lk]
+    if kernel:
+        return _feature_major_mlp(
+            x, p["w1"], p["b1"], [(jax.nn.silu, p["w2"], p["b2"])], jax.nn.silu, p["w3"], p["b3"]
+        )
+    x = x[..., None]  # [..., Lq, Lk, 1]
     h = jax.nn.silu(x * _trailing(p["w1"][0], x.ndim) + _trailing(p["b1"], x.ndim))
     h = jax.nn.silu(
         jnp.einsum("...f,fg->...g", h, p["w2"], precision=_HIGHEST) + _trailing(p["b2"], x.ndim)

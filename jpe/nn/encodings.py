@@ -293,7 +293,7 @@ class XPos(_Rotary):
 class ALiBi(Encoding):
     """Press et al. 2022 (arXiv 2108.12409): -m_h |i - j|, slopes from `alibi_slopes`."""
 
-    def bias(self, q_positions, k_positions):
+    def bias(self, q_positions, k_positions, *, kernel=False):
         return relative.alibi_bias(
             q_positions, k_positions, relative.alibi_slopes(self.config.num_heads)
         )
@@ -328,7 +328,7 @@ class T5Bias(Encoding):
         shape = (self.options.num_buckets, config.num_heads)
         self.table = nnx.Param(init(rngs.params(), shape))
 
-    def bias(self, q_positions, k_positions):
+    def bias(self, q_positions, k_positions, *, kernel=False):
         return relative.t5_bias(
             q_positions,
             k_positions,
@@ -369,7 +369,7 @@ class Kerple(Encoding):
         self.r1 = nnx.Param(jax.random.uniform(k1, heads, minval=0.0, maxval=r1_max))
         self.r2 = nnx.Param(jax.random.uniform(k2, heads, minval=0.0, maxval=r2_max))
 
-    def bias(self, q_positions, k_positions):
+    def bias(self, q_positions, k_positions, *, kernel=False):
         r1 = jnp.maximum(self.r1[...], self._EPS)
         r2 = jnp.maximum(self.r2[...], self._EPS)
         if self.options.kind == "power":
@@ -390,7 +390,7 @@ class Sandwich(Encoding):
                 f"d_model / num_heads = {config.head_dim}"
             )
 
-    def bias(self, q_positions, k_positions):
+    def bias(self, q_positions, k_positions, *, kernel=False):
         # The sinusoids are one head wide, as NeMo's `hidden_size // num_attention_heads`.
         return relative.sandwich_bias(
             q_positions, k_positions, self.config.num_heads, dim=self.config.head_dim
@@ -427,9 +427,9 @@ class FIRE(_MLPBias):
         params = relative.fire_init(rngs.params(), config.num_heads, hidden=self.options.hidden)
         self.params = nnx.Dict({k: nnx.Param(v) for k, v in params.items()})
 
-    def bias(self, q_positions, k_positions):
+    def bias(self, q_positions, k_positions, *, kernel=False):
         return relative.fire_bias(
-            q_positions, k_positions, self._params(), causal=self.config.causal
+            q_positions, k_positions, self._params(), causal=self.config.causal, kernel=kernel
         )
 
 
@@ -507,8 +507,8 @@ class DynamicPositionBias(_MLPBias):
         params = relative.dpb_init(rngs.params(), config.num_heads, hidden=self.options.hidden)
         self.params = nnx.Dict({k: nnx.Param(v) for k, v in params.items()})
 
-    def bias(self, q_positions, k_positions):
-        return relative.dpb_bias(q_positions, k_positions, self._params())
+    def bias(self, q_positions, k_positions, *, kernel=False):
+        return relative.dpb_bias(q_positions, k_positions, self._params(), kernel=kernel)
 
 
 @register("cope")

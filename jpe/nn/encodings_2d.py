@@ -209,7 +209,7 @@ class ALiBi2D(Encoding):
         def __post_init__(self):
             _checks.one_of("distance", self.distance, two_d.DISTANCES)
 
-    def bias(self, q_positions, k_positions):
+    def bias(self, q_positions, k_positions, *, kernel=False):
         slopes = np.asarray(relative.alibi_slopes(self.config.num_heads), np.float32)
         return two_d.alibi_2d_bias(
             two_d.unpack_grid_positions(q_positions),

@@ -235,9 +235,14 @@ class Encoding(nnx.Module):
         """
         return q, k, v
 
-    def bias(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    def bias(
+        self, q_positions: jax.Array, k_positions: jax.Array, *, kernel: bool = False
+    ) -> jax.Array:
         """The bias of one attention block: `[B or 1, bq]` and `[B or 1, bk]` int positions
-        -> `[B or 1, H or 1, bq, bk]` float. Called once per block."""
+        -> `[B or 1, H or 1, bq, bk]` float. Called once per block. `kernel=True` asks for
+        the form the fused Pallas kernel lowers (Triton, Mosaic: no gathers, slices,
+        concatenates or batched products), where it differs from the fastest form under XLA;
+        the two agree up to float rounding."""
         raise NotImplementedError
 
     def query_bias(self, q: jax.Array, q_positions: jax.Array, k_positions: jax.Array):
