@@ -7,30 +7,41 @@ bias, computed from the block's positions inside the kernel, so no `[H, L, L]` b
 in HBM, in the forward pass or the backward pass, and the bias's own parameters get gradients.
 
 Design:
-  * forward: grid `(B, Lq / bq)`; one program holds a query block of every head and loops over
-    key blocks, reading them from its row's whole keys and values (so on TPU a row's K and V
-    must fit in VMEM: 8192 keys of 4 heads of 32 compile for v5e within a 100 MiB limit).
+  * forward, two layouts of the same block-pair update:
+    - loop (GPU's Triton, and the CPU interpreter): grid `(B, Lq / bq)`; one program holds a
+      query block of every head and loops over key blocks, read from its row's keys and
+      values through pointers.
+    - grid (TPU's Mosaic): grid `(B, Lq / bq, Lk / bk)`, key blocks on the last
+      ("arbitrary") axis; the running maxima, denominators and accumulators live in VMEM
+      scratch, so VMEM holds one block of each operand whatever L is. Whether a pair is live
+      is read from per-block summaries prefetched to SMEM (`[B, n]`, not a pair table), and a
+      dead pair's index maps point at a block already fetched.
     Each block pair evaluates `bias_fn` once, `[H or 1, bq, bk]`, for all heads,
     then does one `[bq, D] x [D, bk]` product per head (query head h reads key/value head
     h // (H // Hkv): grouped-query attention). It writes the output and the log-sum-exp.
   * block skipping: a `[B, nq, nk]` table of live block pairs is computed from per-block
     minima and maxima of positions and segment ids and the key mask (a pair is dead when
     causal and its smallest key position exceeds its largest query position, when the segment
-    ranges do not overlap, or when it has no valid key). The key loop of each query block runs
-    only from its first to its last live block (the loop bounds: under a causal mask a query
-    block never visits a block wholly above the diagonal), and dead blocks in between (packed
-    rows) are skipped by a branch.
+    ranges do not overlap, or when it has no valid key). In the loop layout, the key loop of
+    each query block runs only from its first to its last live block (the loop bounds: under
+    a causal mask a query block never visits a block wholly above the diagonal), and dead
+    blocks in between (packed rows) are skipped by a branch; in the grid layout, a dead
+    pair's program computes nothing and fetches nothing new.
   * backward (`jax.custom_vjp`): two kernels, as FlashAttention-2's. The dq kernel (grid over
-    query blocks, loop over key blocks) recomputes the probabilities from the log-sum-exp,
-    forms dS = P * (dP - delta) and accumulates dq; dS is also the cotangent of the block's
-    bias, so a `jax.vjp` of the bias function inside the kernel turns it into the gradient of
-    the bias's parameters, summed over key blocks and written once per (row, query block);
-    the partial sums are added outside. The dk/dv kernel (grid over key blocks, loop over the
-    live query blocks) accumulates dk and dv, summing the query heads of each key/value head.
+    query blocks, loop over key blocks; on TPU, key blocks on the grid's last axis)
+    recomputes the probabilities from the log-sum-exp, forms dS = P * (dP - delta) and
+    accumulates dq; dS is also the cotangent of the block's bias, so a `jax.vjp` of the bias
+    function inside the kernel turns it into the gradient of the bias's parameters, summed
+    over key blocks and written once per (row, query block); the partial sums are added
+    outside. The dk/dv kernel (grid over key blocks, loop over the live query blocks; on TPU,
+    query blocks on the grid's last axis) accumulates dk and dv, summing the query heads of
+    each key/value head.
   * the bias: `bias_fn(q_positions, k_positions)` with `[1, bq]` and `[1, bk]` int32 positions,
     as `jpe.attention` calls it, is traced once to a jaxpr; the arrays it closes over (an
     encoding's parameters: the T5 table, KERPLE's r1 and r2, FIRE's and DPB's MLPs) become
-    kernel inputs, and the floating ones are differentiated.
+    kernel inputs, and the floating ones are differentiated. A `bias_fn` that takes a
+    `kernel` keyword (`jpe.Encoding.bias`) is asked for `kernel=True`: the form without
+    gathers, slices, concatenates or batched products, which Triton and Mosaic lower.
 
 Rows with no key to attend to give zeros (and zero gradients). Invalid and padding keys are
 zeroed before use, so whatever an empty cache slot holds never reaches a row; unlike the XLA
@@ -53,7 +64,8 @@ from jax.extend import core as jax_core
 __all__ = ["flash_attention"]
 
 _MASKED = -1e30
-_TPU_VMEM_LIMIT = 100 * 2**20  # of v5e's and v6e's 128 MiB per core
+# of v5e's and v6e's 128 MiB per core: room for every head's [bq, bk] temporaries
+_TPU_VMEM_LIMIT = 100 * 2**20
 _BIG = np.iinfo(np.int32).max
 _SMALL = np.iinfo(np.int32).min
 

@@ -50,6 +50,7 @@ def pytest_unconfigure(config):
     if not hasattr(config, "workerinput"):  # the controller, or a run without workers
         shutil.rmtree(_CACHE, ignore_errors=True)
 
+
 settings.register_profile(
     "default",
     deadline=None,
