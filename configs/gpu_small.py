@@ -13,9 +13,7 @@ from jpe.nn.config import TransformerConfig
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        model=TransformerConfig(
-            d_model=768, num_layers=12, num_heads=12, dtype="bfloat16", block_size=512
-        ),
+        model=TransformerConfig(d_model=768, num_layers=12, num_heads=12, dtype="bfloat16"),
         seq_len=512,
         batch_size=64,
         steps=20000,

@@ -39,6 +39,9 @@ __all__ = [
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
 
 DEFAULT_BLOCK_SIZE = 512
+# The fused kernel on GPU: a Triton program holds [bq, bk] logits per head in registers (and
+# FIRE's and DPB's [hidden, bq, bk] MLP activations: Triton allows 2**20 elements a tensor).
+GPU_PALLAS_BLOCK_SIZE = 128
 _MASKED = -1e30  # finite, so a fully masked row stays NaN-free
 # The fused XLA path's running maximum starts here, above _MASKED: exp(_MASKED - max) is then
 # exactly 0, so masked logits need no second select after the exponential (a row whose every
@@ -153,7 +156,8 @@ def attention(
         rows never mix. Give padding a segment of its own. Only a tuple is read as a pair; a
         list is one array (a nested list of two rows is a batch of two).
       kv_mask: `[B, Lk]` bool, False for keys that must not be attended to (empty cache slots).
-      block_size: block length for queries and keys (default 512); L need not divide by it.
+      block_size: block length for queries and keys (default 512; 128 for the Pallas kernel
+        on GPU); L need not divide by it.
       scale: logit scale, default `1 / sqrt(D)`; biases are added unscaled.
       implementation: "xla" (this blocked path), "pallas" (`jpe.pallas_attention`: the fused
         kernel that evaluates `bias_fn` inside it; `bias_fn` only; interpret mode on CPU),
@@ -190,9 +194,8 @@ def attention(
             f"key/value heads ({kv_heads})"
         )
     groups = num_heads // kv_heads
-    block = _checks.positive_int(
-        "block_size", DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    )
+    if block_size is not None:
+        _checks.positive_int("block_size", block_size)
     scale = float(1.0 / np.sqrt(head_dim)) if scale is None else float(scale)
     q_positions_given, k_positions_given = q_positions, k_positions
 
@@ -232,6 +235,12 @@ def attention(
         contextual_bias_fn=contextual_bias_fn,
         dtype=q.dtype,
     )
+    if block_size is not None:
+        block = block_size
+    elif implementation == "pallas" and _backend() == "gpu":
+        block = GPU_PALLAS_BLOCK_SIZE
+    else:
+        block = DEFAULT_BLOCK_SIZE
     if implementation == "pallas":
         from jpe import pallas_attention
 

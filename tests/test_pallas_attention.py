@@ -15,7 +15,7 @@ from flax import nnx
 
 import jpe
 from jpe import pallas_attention
-from jpe.attention import attention, choose_implementation
+from jpe.attention import attention, choose_implementation, target_backend
 from jpe.nn.config import TransformerConfig
 from jpe.nn.registry import encoding_class
 from jpe.pallas_attention import _live_blocks, flash_attention
@@ -265,3 +265,29 @@ def test_compiles_for_tpu(pe):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
     compiled = grad.trace(x, x, x, state).lower(lowering_platforms=("tpu",)).compile()
     assert "jpe_flash_dkv" in compiled.as_text()
+
+
+@pytest.mark.parametrize("pe", ["fire", "dpb"])
+def test_gpu_default_block_lowers_mlp_biases(pe):
+    """On GPU, `jpe.attention` gives the kernel blocks of 128 unless told otherwise: FIRE's
+    and DPB's `[hidden, bq, bk]` activations (32 x 256 x 256 at blocks of 256) would pass
+    Triton's 2**20 elements a tensor."""
+    length, heads, head_dim = 256, 2, 32
+    config = TransformerConfig(pe=pe, d_model=heads * head_dim, num_heads=heads)
+    graphdef, state = nnx.split(encoding_class(pe)(config, rngs=nnx.Rngs(0)))
+
+    def loss(q, k, v, state, block_size):
+        bias_fn = nnx.merge(graphdef, state).bias
+        out = attention(q, k, v, bias_fn=bias_fn, causal=True, block_size=block_size)
+        return out.astype(jnp.float32).sum()
+
+    x = jax.ShapeDtypeStruct((1, length, heads, head_dim), jnp.bfloat16)
+    with target_backend("gpu"):
+        for block_size, fits in ((None, True), (256, False)):
+            grad = jax.jit(jax.grad(loss, argnums=(0, 3)), static_argnums=4)
+            traced = grad.trace(x, x, x, state, block_size)
+            if fits:
+                assert "triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+            else:
+                with pytest.raises(Exception, match="Maximum allowed number of elements"):
+                    traced.lower(lowering_platforms=("cuda",))

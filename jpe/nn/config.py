@@ -36,7 +36,8 @@ class TransformerConfig:
       num_classes: if set, a token-classification head with this many classes replaces the
         language-model head (encoder tasks).
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
-      block_size: attention block length (see `jpe.attention`).
+      block_size: attention block length; None: `jpe.attention`'s default for the
+        implementation (512; 128 for the Pallas kernel on GPU).
       attention: the attention implementation, None (picked for the backend), "xla",
         "pallas" or "cudnn" (see `jpe.attention`); it must be one the encoding supports
         (`Encoding.supported_attention()`).
@@ -53,7 +54,7 @@ class TransformerConfig:
     max_len: int = 2048
     num_classes: int | None = None
     dtype: str = "float32"
-    block_size: int = 512
+    block_size: int | None = None
     attention: str | None = None
     pe_options: Options | Mapping | None = None
 
@@ -62,7 +63,8 @@ class TransformerConfig:
         object.__setattr__(self, "pe_options", cls.Options.build(self.pe, self.pe_options))
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "mlp_ratio", "max_len"):
             _checks.positive_int(name, getattr(self, name))
-        _checks.positive_int("block_size", self.block_size)
+        if self.block_size is not None:
+            _checks.positive_int("block_size", self.block_size)
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})"
