@@ -39,9 +39,6 @@ __all__ = [
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
 
 DEFAULT_BLOCK_SIZE = 512
-# The fused kernel on GPU: a Triton program holds [bq, bk] logits per head in registers (and
-# FIRE's and DPB's [hidden, bq, bk] MLP activations: Triton allows 2**20 elements a tensor).
-GPU_PALLAS_BLOCK_SIZE = 128
 _MASKED = -1e30  # finite, so a fully masked row stays NaN-free
 # The fused XLA path's running maximum starts here, above _MASKED: exp(_MASKED - max) is then
 # exactly 0, so masked logits need no second select after the exponential (a row whose every
@@ -156,8 +153,9 @@ def attention(
         rows never mix. Give padding a segment of its own. Only a tuple is read as a pair; a
         list is one array (a nested list of two rows is a batch of two).
       kv_mask: `[B, Lk]` bool, False for keys that must not be attended to (empty cache slots).
-      block_size: block length for queries and keys (default 512; 128 for the Pallas kernel
-        on GPU); L need not divide by it.
+      block_size: block length for queries and keys (default 512; the Pallas kernel's own
+        default is smaller on GPU and for large biases, see `jpe.pallas_attention`); L need
+        not divide by it.
       scale: logit scale, default `1 / sqrt(D)`; biases are added unscaled.
       implementation: "xla" (this blocked path), "pallas" (`jpe.pallas_attention`: the fused
         kernel that evaluates `bias_fn` inside it; `bias_fn` only; interpret mode on CPU),
@@ -235,12 +233,7 @@ def attention(
         contextual_bias_fn=contextual_bias_fn,
         dtype=q.dtype,
     )
-    if block_size is not None:
-        block = block_size
-    elif implementation == "pallas" and _backend() == "gpu":
-        block = GPU_PALLAS_BLOCK_SIZE
-    else:
-        block = DEFAULT_BLOCK_SIZE
+    block = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     if implementation == "pallas":
         from jpe import pallas_attention
 
@@ -255,7 +248,7 @@ def attention(
             q_segment_ids=q_seg,
             k_segment_ids=k_seg,
             kv_valid=kv_valid,
-            block_size=block,
+            block_size=block_size,
             scale=scale,
             interpret=_backend() == "cpu",
             platform=_backend(),

@@ -61,11 +61,15 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.extend import core as jax_core
 
-__all__ = ["flash_attention"]
+__all__ = ["default_block_size", "flash_attention"]
 
 _MASKED = -1e30
 # of v5e's and v6e's 128 MiB per core: room for every head's [bq, bk] temporaries
 _TPU_VMEM_LIMIT = 100 * 2**20
+BLOCK_SIZE = 512
+GPU_BLOCK_SIZE = 128
+_MIN_BLOCK_SIZE = 128
+_BIAS_ELEMENTS = 2**21
 _BIG = np.iinfo(np.int32).max
 _SMALL = np.iinfo(np.int32).min
 
@@ -172,6 +176,39 @@ def _eval_jaxpr(jaxpr, consts, *args):
         for var, value in zip(eqn.outvars, outs, strict=True):
             env[var] = value
     return [read(v) for v in jaxpr.outvars]
+
+
+def _largest(jaxpr) -> int:
+    """The most elements of any array a jaxpr (and the jaxprs it calls) computes."""
+    most = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            most = max(most, int(np.prod(getattr(var.aval, "shape", ()))))
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if isinstance(inner, jax_core.Jaxpr):
+                most = max(most, _largest(inner))
+    return most
+
+
+def default_block_size(
+    bias_fn: Callable | None, q_len: int, k_len: int, num_heads: int, platform: str
+) -> int:
+    """The kernel's block length when none is given: `BLOCK_SIZE` (512), or `GPU_BLOCK_SIZE`
+    (128) on GPU, where a Triton program holds a block's logits in registers; halved, down to
+    128, while the bias (in its kernel form) computes an array of more than 2**21 elements
+    (FIRE's and DPB's `[hidden, bq, bk]` activations, which would not fit TPU's VMEM, nor
+    Triton's limit of 2**20 elements a tensor)."""
+    block = GPU_BLOCK_SIZE if platform == "gpu" else BLOCK_SIZE
+    if bias_fn is None:
+        return block
+    bias_fn = _kernel_form(bias_fn)
+    while block > _MIN_BLOCK_SIZE:
+        bq, bk = min(block, q_len), min(block, k_len)
+        if _largest(_trace_bias(bias_fn, bq, bk, num_heads)[0]) <= _BIAS_ELEMENTS:
+            break
+        block //= 2
+    return block
 
 
 def _kernel_form(bias_fn: Callable) -> Callable:
@@ -345,7 +382,7 @@ def flash_attention(
     q_segment_ids: jax.Array,
     k_segment_ids: jax.Array,
     kv_valid: jax.Array,
-    block_size: int,
+    block_size: int | None,
     scale: float,
     interpret: bool = False,
     platform: str | None = None,
@@ -363,7 +400,7 @@ def flash_attention(
       q_positions, q_segment_ids: `[B or 1, Lq]` ints; k_positions, k_segment_ids, kv_valid:
         `[B or 1, Lk]` (kv_valid boolean).
       block_size: the query and key block length (each capped at its sequence length); L need
-        not divide by it.
+        not divide by it. None: `default_block_size`.
       scale: logit scale; the bias is added unscaled.
       interpret: run the kernels in Pallas's interpret mode (CPU).
       platform: "gpu" selects the Triton backend (`pltriton.CompilerParams`); anything else
@@ -375,15 +412,20 @@ def flash_attention(
     shard of the batch inside `jax.shard_map` (a Pallas call is not partitioned
     automatically); the heads are not split, and the bias's arrays are replicated.
     """
+    q_len, num_heads = q.shape[1], q.shape[2]
+    k_len = k.shape[1]
+    platform = jax.default_backend() if platform is None else platform
+    traced = None
+    if bias_fn is not None:
+        bias_fn = _kernel_form(bias_fn)
+    if block_size is None:
+        block_size = default_block_size(bias_fn, q_len, k_len, num_heads, platform)
+    if bias_fn is not None:
+        bq, bk = min(block_size, q_len), min(block_size, k_len)
+        traced = _trace_bias(bias_fn, bq, bk, num_heads)
     kwargs = dict(
         causal=causal, block_size=block_size, scale=scale, interpret=interpret, platform=platform
     )
-    q_len, num_heads = q.shape[1], q.shape[2]
-    k_len = k.shape[1]
-    traced = None
-    if bias_fn is not None:
-        bq, bk = min(block_size, q_len), min(block_size, k_len)
-        traced = _trace_bias(_kernel_form(bias_fn), bq, bk, num_heads)
     return _flash_local(
         q,
         k,

@@ -18,7 +18,7 @@ from jpe import pallas_attention
 from jpe.attention import attention, choose_implementation, target_backend
 from jpe.nn.config import TransformerConfig
 from jpe.nn.registry import encoding_class
-from jpe.pallas_attention import _live_blocks, flash_attention
+from jpe.pallas_attention import _live_blocks, default_block_size, flash_attention
 
 # L is not a multiple of the block; H = 2 query heads share one key/value head (grouped-query).
 B, L, H, HKV, D, BLOCK = 1, 20, 2, 1, 8, 8
@@ -291,3 +291,18 @@ def test_gpu_default_block_lowers_mlp_biases(pe):
             else:
                 with pytest.raises(Exception, match="Maximum allowed number of elements"):
                     traced.lower(lowering_platforms=("cuda",))
+
+
+def test_default_block_size_shrinks_for_large_biases_and_on_gpu():
+    def bias_of(pe, **options):
+        config = TransformerConfig(pe=pe, d_model=64, num_heads=4, pe_options=options or None)
+        return encoding_class(pe)(config, rngs=nnx.Rngs(0)).bias
+
+    assert default_block_size(None, 8192, 8192, 4, "tpu") == 512
+    assert default_block_size(bias_of("alibi"), 8192, 8192, 4, "tpu") == 512
+    assert default_block_size(bias_of("t5"), 8192, 8192, 4, "tpu") == 512
+    # FIRE's [32, bq, bk] activations: 2**23 elements at 512, 2**21 at 256
+    assert default_block_size(bias_of("fire"), 8192, 8192, 4, "tpu") == 256
+    assert default_block_size(bias_of("dpb", hidden=64), 8192, 8192, 4, "tpu") == 128
+    assert default_block_size(bias_of("fire"), 8192, 8192, 4, "gpu") == 128
+    assert default_block_size(bias_of("alibi"), 8192, 8192, 4, "gpu") == 128

@@ -36,8 +36,8 @@ class TransformerConfig:
       num_classes: if set, a token-classification head with this many classes replaces the
         language-model head (encoder tasks).
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
-      block_size: attention block length; None: `jpe.attention`'s default for the
-        implementation (512; 128 for the Pallas kernel on GPU).
+      block_size: attention block length; None: the implementation's default (512; the
+        Pallas kernel's is smaller on GPU and for large biases, see `jpe.pallas_attention`).
       attention: the attention implementation, None (picked for the backend), "xla",
         "pallas" or "cudnn" (see `jpe.attention`); it must be one the encoding supports
         (`Encoding.supported_attention()`).
