@@ -69,7 +69,7 @@ _TPU_VMEM_LIMIT = 100 * 2**20
 BLOCK_SIZE = 512
 GPU_BLOCK_SIZE = 128
 _MIN_BLOCK_SIZE = 128
-_BIAS_ELEMENTS = 2**21
+_BIAS_ELEMENTS = 2**20
 _BIG = np.iinfo(np.int32).max
 _SMALL = np.iinfo(np.int32).min
 
@@ -195,17 +195,20 @@ def default_block_size(
     bias_fn: Callable | None, q_len: int, k_len: int, num_heads: int, platform: str
 ) -> int:
     """The kernel's block length when none is given: `BLOCK_SIZE` (512), or `GPU_BLOCK_SIZE`
-    (128) on GPU, where a Triton program holds a block's logits in registers; halved, down to
-    128, while the bias (in its kernel form) computes an array of more than 2**21 elements
-    (FIRE's and DPB's `[hidden, bq, bk]` activations, which would not fit TPU's VMEM, nor
-    Triton's limit of 2**20 elements a tensor)."""
+    (128) on GPU, where a Triton program holds a block's logits in registers. It is halved,
+    down to 128, while the bias (in its kernel form) computes an array larger than both its
+    own output and 2**20 elements: FIRE's and DPB's `[hidden, bq, bk]` MLP activations,
+    which at blocks of 512 pass TPU's VMEM (DPB's backward needed 164 MiB of 128 at 256)
+    and Triton's limit of 2**20 elements a tensor."""
     block = GPU_BLOCK_SIZE if platform == "gpu" else BLOCK_SIZE
     if bias_fn is None:
         return block
     bias_fn = _kernel_form(bias_fn)
     while block > _MIN_BLOCK_SIZE:
         bq, bk = min(block, q_len), min(block, k_len)
-        if _largest(_trace_bias(bias_fn, bq, bk, num_heads)[0]) <= _BIAS_ELEMENTS:
+        jaxpr = _trace_bias(bias_fn, bq, bk, num_heads)[0]
+        output = max(int(np.prod(v.aval.shape)) for v in jaxpr.outvars)
+        if _largest(jaxpr) <= max(output, _BIAS_ELEMENTS):
             break
         block //= 2
     return block

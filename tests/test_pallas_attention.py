@@ -301,8 +301,11 @@ def test_default_block_size_shrinks_for_large_biases_and_on_gpu():
     assert default_block_size(None, 8192, 8192, 4, "tpu") == 512
     assert default_block_size(bias_of("alibi"), 8192, 8192, 4, "tpu") == 512
     assert default_block_size(bias_of("t5"), 8192, 8192, 4, "tpu") == 512
-    # FIRE's [32, bq, bk] activations: 2**23 elements at 512, 2**21 at 256
-    assert default_block_size(bias_of("fire"), 8192, 8192, 4, "tpu") == 256
-    assert default_block_size(bias_of("dpb", hidden=64), 8192, 8192, 4, "tpu") == 128
+    assert default_block_size(bias_of("sandwich"), 8192, 8192, 4, "tpu") == 512
+    # FIRE's and DPB's [32, bq, bk] activations: 2**23 elements at 512, 2**19 at 128
+    assert default_block_size(bias_of("fire"), 8192, 8192, 4, "tpu") == 128
+    assert default_block_size(bias_of("dpb"), 8192, 8192, 4, "tpu") == 128
+    assert default_block_size(bias_of("dpb", hidden=4), 8192, 8192, 4, "tpu") == 512
+    assert default_block_size(bias_of("fire"), 100, 100, 4, "tpu") == 512  # 32 x 100 x 100
     assert default_block_size(bias_of("fire"), 8192, 8192, 4, "gpu") == 128
     assert default_block_size(bias_of("alibi"), 8192, 8192, 4, "gpu") == 128
