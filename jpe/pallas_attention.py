@@ -131,15 +131,16 @@ def _bounds(table):
     )
 
 
-def _live_blocks(qp, qs, kp, ks, kvalid, q_len, k_len, bq, bk, causal):
+def _live_blocks(qp, qs, kp, ks, kvalid, q_len, k_len, bq, bk, causal, summaries=False):
     """The `[B, nq, nk]` table of block pairs that hold at least one allowed (query, key) pair
     (a superset: a live pair may still be wholly masked), and each row's and column's first
-    and last live block."""
+    and last live block; with `summaries`, also the `_block_summaries` it was built from."""
     qsum, ksum = _block_summaries(qp, qs, kp, ks, kvalid, q_len, k_len, bq, bk)
     live = _pair_live([x[:, :, None] for x in qsum], [x[:, None, :] for x in ksum], causal)
     k_lo, k_hi = _bounds(live)
     q_lo, q_hi = _bounds(jnp.swapaxes(live, 1, 2))
-    return live.astype(jnp.int32), k_lo, k_hi, q_lo, q_hi
+    out = (live.astype(jnp.int32), k_lo, k_hi, q_lo, q_hi)
+    return out + (qsum, ksum) if summaries else out
 
 
 _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr"}
@@ -475,10 +476,9 @@ def _flash_local(
     qp, qs = rows(q_positions, q_len, lq, 0), rows(q_segment_ids, q_len, lq, 0)
     kp, ks = rows(k_positions, k_len, lk, 0), rows(k_segment_ids, k_len, lk, 0)
     kval = rows(kv_valid, k_len, lk, 0)
-    live, k_lo, k_hi, q_lo, q_hi = _live_blocks(
-        qp, qs, kp, ks, kval != 0, q_len, k_len, bq, bk, causal
+    live, k_lo, k_hi, q_lo, q_hi, qsum, ksum = _live_blocks(
+        qp, qs, kp, ks, kval != 0, q_len, k_len, bq, bk, causal, summaries=True
     )
-    qsum, ksum = _block_summaries(qp, qs, kp, ks, kval != 0, q_len, k_len, bq, bk)
     # Invalid and padding keys are zeroed here, so whatever they hold never reaches a row.
     kv_keep = (kval != 0)[:, :, None, None]
     k = jnp.where(kv_keep[:, :k_len], k, jnp.zeros_like(k))
@@ -819,10 +819,6 @@ def _flash_local(
         from jax.experimental.pallas import tpu as pltpu
 
         return pltpu.VMEM(shape, jnp.float32)
-
-    def grid_const_spec(shape):
-        zeros = (0,) * len(shape)
-        return pl.BlockSpec(shape, lambda *_: zeros)
 
     def fwd_grid_kernel(qt_ref, kt_ref, *refs):
         lead, diff, fixed_consts, rest = split_refs(refs, 9)
