@@ -50,3 +50,46 @@ def test_kernels_table_has_a_row_per_encoding_implementation_and_pass(capsys):
 def test_kernels_refuses_what_it_cannot_measure(argv, message):
     with pytest.raises(SystemExit, match=message):
         bench.main(["kernels", *argv])
+
+
+def test_hlo_instructions_name_shape_opcode_and_jax_op():
+    import jax
+    import jax.numpy as jnp
+
+    def f(a, b):
+        return jnp.tanh(a @ b).sum(), (a * 2.0, b)
+
+    hlo = jax.jit(f).lower(jnp.ones((4, 3)), jnp.ones((3, 5))).compile().as_text()
+    ops = bench.hlo_instructions(hlo)
+    assert ops, hlo
+    # every instruction of the entry computation is found, tuple-shaped ones included
+    roots = [line for line in hlo.splitlines() if line.lstrip().startswith("ROOT")]
+    assert all(line.split("=")[0].split()[-1].lstrip("%") in ops for line in roots)
+    assert any(shape.startswith("(") for shape, _, _ in ops.values())
+    assert any(op.endswith("dot_general") for _, _, op in ops.values())
+    assert bench.jax_op("jit(f)/tanh") == "tanh"
+    assert bench.jax_op("jit(f)/transpose(jvp())/dot_general") == "dot_general (backward)"
+    assert bench.jax_op("") == "(no jax op)"
+
+
+def test_profile_prints_the_steps_ops_by_time(capsys, tmp_path):
+    bench.main(
+        ["profile", "--pe", "alibi", "--steps", "1", "--top", "3", "--d-model", "16",
+         "--num-layers", "1", "--num-heads", "2", "--seq-len", "8", "--batch-size", "2",
+         "--trace-dir", str(tmp_path)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "train step profile, pe alibi" in out
+    assert list(tmp_path.rglob("*.xplane.pb"))
+    lines = out.splitlines()
+    by_op = lines[lines.index("by jax op (top 3)") + 2 :][:3]
+    shares = [float(line.split()[1].rstrip("%")) for line in by_op]
+    assert len(shares) == 3 and shares == sorted(shares, reverse=True) and sum(shares) <= 100.05
+    by_instruction = lines[lines.index("by HLO instruction (top 3)") + 2 :]
+    assert len(by_instruction) == 3
+    assert all(float(line.split()[0]) > 0 for line in by_instruction)
+
+
+def test_profile_refuses_an_unknown_encoding():
+    with pytest.raises(SystemExit, match="unknown --pe 'nope'"):
+        bench.main(["profile", "--pe", "nope"])

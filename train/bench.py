@@ -21,6 +21,15 @@ faults per step (`getrusage`: a step that faults in its buffers anew every time 
 thousands). It needs the `bench`
 extra (`pip install -e ".[bench]"`: PyTorch's CPU build and x-transformers).
 
+    python train/bench.py profile [--pe t5] [--steps 5] [--top 10] [--trace-dir DIR]
+
+`profile` traces jpe's training step for one encoding at the same reference configuration
+with `jax.profiler` and prints where its time goes: milliseconds per step and share of the
+ops' time summed over the runtime's threads, by JAX primitive (`dot_general`, and
+`dot_general (backward)` for the cotangent side) and by HLO instruction of the compiled
+step, with shapes. The trace stays in `--trace-dir` for TensorBoard or xprof. The profiler
+slows the step, so take shares from it, and times from `train`.
+
     python train/bench.py kernels [--pe none,rope,alibi,t5,kerple,fire] [--lengths 1024,4096,16384]
         [--head-dims 64,128] [--implementations pallas,cudnn,xla] [--passes fwd,fwdbwd]
 
@@ -48,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -143,11 +153,10 @@ X_TRANSFORMERS = {
 }
 
 
-def _jpe_runner(args, pe, batches):
-    """One jitted jpe train step at the reference configuration; returns `run(n)`, which takes
-    n steps and waits for the last."""
+def _jpe_step(args, pe, batches):
+    """jpe's training state at the reference configuration: `(state, batch)`, where
+    `state.step(params, opt_state, batch, step)` is `train/lm.py`'s jitted step."""
     import jax
-    import numpy as np
 
     import jpe
     from jpe.lab import sharding
@@ -162,7 +171,15 @@ def _jpe_runner(args, pe, batches):
     )
     cfg = TrainConfig(model=model, batch_size=args.batch_size, seq_len=args.seq_len)
     state = init_training(cfg, sharding.make_mesh(None), tuple(batches.batch(0)))
-    batch = jax.device_put(batches.batch(0), state.batch_shardings)
+    return state, jax.device_put(batches.batch(0), state.batch_shardings)
+
+
+def _jpe_runner(args, pe, batches):
+    """One jitted jpe train step at the reference configuration; returns `run(n)`, which takes
+    n steps and waits for the last."""
+    import numpy as np
+
+    state, batch = _jpe_step(args, pe, batches)
     carry = [state.params, state.opt_state]
 
     def run(n):
@@ -286,6 +303,116 @@ def train(args) -> None:
         "faults: minor page faults per step (getrusage, median of the rounds); thousands per "
         "step mean the allocator returns and re-faults the step's buffers (see train/_runtime.py)"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# profile: where the train step's time goes, op by op
+# ---------------------------------------------------------------------------------------------
+
+# One instruction of an HLO module's text: name, shape (tuples included), opcode, the rest.
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$", re.M)
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+    """`{name: (shape, opcode, jax op name)}` for every instruction of a compiled module's HLO
+    text; the jax op name is its `op_name` metadata ("" when it has none)."""
+    out = {}
+    for name, shape, opcode, rest in _HLO_INSTRUCTION.findall(hlo_text):
+        op = re.search(r'op_name="([^"]*)"', rest)
+        out[name] = (shape, opcode, op.group(1) if op else "")
+    return out
+
+
+def jax_op(op_name: str) -> str:
+    """The primitive an `op_name` ends in, and whether it belongs to the backward pass (JAX names
+    the cotangent computations `transpose(jvp(...))`): "dot_general", "dot_general (backward)"."""
+    if not op_name:
+        return "(no jax op)"
+    primitive = op_name.rsplit("/", 1)[-1]
+    return f"{primitive} (backward)" if "transpose(" in op_name else primitive
+
+
+def op_times(xspace_file: str, instructions: dict) -> tuple[dict[str, float], dict[str, int]]:
+    """Seconds and event counts per HLO instruction in a `jax.profiler` trace, summed over the
+    runtime's threads. Events that are not instructions of the module (the runtime's own
+    bookkeeping, Python) are left out."""
+    import jax
+
+    data = jax.profiler.ProfileData.from_file(xspace_file)
+    seconds, counts = {}, {}
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in instructions:
+                    seconds[event.name] = seconds.get(event.name, 0.0) + event.duration_ns * 1e-9
+                    counts[event.name] = counts.get(event.name, 0) + 1
+    return seconds, counts
+
+
+def profile(args) -> None:
+    import glob
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    import jpe
+    from jpe.lab import data as data_lib
+
+    if args.pe not in jpe.ENCODINGS:
+        raise SystemExit(f"error: unknown --pe {args.pe!r}; valid: {', '.join(jpe.ENCODINGS)}")
+    if args.steps < 1 or args.top < 1:
+        raise SystemExit("error: --steps and --top must be >= 1")
+    tokens = data_lib.load_corpus(None).train
+    batches = data_lib.Batches(tokens, batch_size=args.batch_size, seq_len=args.seq_len, seed=0)
+    state, batch = _jpe_step(args, args.pe, batches)
+    carry = [state.params, state.opt_state]
+    hlo = state.step.lower(*carry, batch, np.int32(0)).compile().as_text()
+    instructions = hlo_instructions(hlo)
+    for i in range(3):  # compile and warm up
+        carry[0], carry[1], loss = state.step(*carry, batch, np.int32(i))
+    loss.block_until_ready()
+    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="jpe-profile-")
+    with jax.profiler.trace(trace_dir):
+        start = time.perf_counter()
+        for i in range(args.steps):
+            carry[0], carry[1], loss = state.step(*carry, batch, np.int32(i))
+        loss.block_until_ready()
+        wall = (time.perf_counter() - start) / args.steps
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    if not files:
+        raise SystemExit(f"error: jax.profiler wrote no trace under {trace_dir}")
+    seconds, counts = op_times(files[-1], instructions)
+    total = sum(seconds.values())
+    if not total:
+        raise SystemExit("error: the trace holds no event of the step's HLO instructions")
+    per_step = lambda t: 1e3 * t / args.steps  # noqa: E731
+    print(
+        f"train step profile, pe {args.pe}: batch {args.batch_size} x length {args.seq_len}, "
+        f"d_model {args.d_model}, {args.num_layers} layers, {args.num_heads} heads; "
+        f"{args.steps} traced steps; {os.cpu_count()} CPU cores; jax {jax.__version__} on "
+        f"{_backend()}; trace in {trace_dir}"
+    )
+    print(
+        f"wall {1e3 * wall:.1f} ms/step under the profiler; ops {per_step(total):.1f} ms/step "
+        f"summed over threads ({len(seconds)} HLO instructions timed)"
+    )
+    by_op = {}
+    for name, t in seconds.items():
+        key = jax_op(instructions[name][2])
+        by_op[key] = by_op.get(key, 0.0) + t
+    print(f"\nby jax op (top {args.top})")
+    print(f"{'ms/step':>8} {'share':>6}  op")
+    for key, t in sorted(by_op.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"{per_step(t):>8.2f} {100 * t / total:>5.1f}%  {key}")
+    print(f"\nby HLO instruction (top {args.top})")
+    print(f"{'ms/step':>8} {'share':>6} {'calls':>5}  {'instruction':<28} {'shape':<24} op")
+    for name, t in sorted(seconds.items(), key=lambda kv: -kv[1])[: args.top]:
+        shape, _, op_name = instructions[name]
+        print(
+            f"{per_step(t):>8.2f} {100 * t / total:>5.1f}% {counts[name] / args.steps:>5.0f}  "
+            f"{name:<28} {shape[:24]:<24} {jax_op(op_name)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,6 +644,16 @@ def main(argv=None) -> None:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=4)
+    p = sub.add_parser("profile", help="where one encoding's train step spends its time")
+    p.add_argument("--pe", default="none", help="one encoding")
+    p.add_argument("--steps", type=int, default=5, help="traced steps")
+    p.add_argument("--top", type=int, default=10, help="rows of each table")
+    p.add_argument("--trace-dir", default=None, help="keep the trace here (TensorBoard, xprof)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=4)
     p = sub.add_parser("kernels", help="attention alone: TFLOP/s of every implementation")
     p.add_argument("--pe", default=",".join(KERNEL_PES), help="encodings, comma-separated")
     p.add_argument("--lengths", default=None, help="default 1024,4096,16384 (CPU: 1024)")
@@ -531,7 +668,8 @@ def main(argv=None) -> None:
     p.add_argument("--d-model", type=int, default=2048, help="hidden size (H = d_model // D)")
     p.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
-    {"attention": attention, "train": train, "kernels": kernels}[args.command](args)
+    commands = {"attention": attention, "train": train, "profile": profile, "kernels": kernels}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
