@@ -566,6 +566,16 @@ def test_transformer_xl_broadcasts_unbatched_q():
     np.testing.assert_allclose(got, want, **TRIG_TOL)
 
 
+def test_transformer_xl_positions_shared_by_the_batch():
+    q, w_r, v = _txl_inputs()
+    batched = np.broadcast_to(Q_POS[1], (2, 3)), np.broadcast_to(K_POS[1], (2, 5))
+    want = transformer_xl_ref(q, *batched, w_r, v)
+    for shared in (Q_POS[1], K_POS[1]), (Q_POS[1:], K_POS[1:]), (Q_POS[1:], K_POS[1]):
+        got = rel.transformer_xl_bias(q, *shared, w_r, v)
+        chex.assert_shape(got, (2, HEADS, 3, 5))
+        np.testing.assert_allclose(got, want, **TRIG_TOL)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

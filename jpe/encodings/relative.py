@@ -813,28 +813,36 @@ def transformer_xl_bias(
         raise ValueError(f"v must have shape [H, D] = [{heads}, {depth}], got {v.shape}")
     batch = _checks.broadcastable(("q", "positions"), (q.shape[:-3], qp.shape[:-1]))
     q = jnp.broadcast_to(q, batch + q.shape[-3:])
-    qp = jnp.broadcast_to(qp, batch + qp.shape[-1:])
-    kp = jnp.broadcast_to(kp, batch + kp.shape[-1:])
+    # The positions keep their own batch axes (1 when the batch shares them): the key side of
+    # the product is then one [Lk, d] table, and the contraction one matrix product.
+    shared = _checks.broadcastable(("q_positions", "k_positions"), (qp.shape[:-1], kp.shape[:-1]))
+    qp = jnp.broadcast_to(qp, shared + qp.shape[-1:])
+    kp = jnp.broadcast_to(kp, shared + kp.shape[-1:])
 
     d = w_r.shape[0]
     inv_freq = jnp.asarray(1.0 / base ** (np.arange(0, d, 2, dtype=np.float64) / d), jnp.float32)
-    w_sin, w_cos = w_r[: d // 2], w_r[d // 2 :]  # rows that multiply sin(t w) and cos(t w)
 
     qv = q + v.reshape((1,) * (q.ndim - 2) + (heads, depth))
-    # a_*[..., i, h, f]: (q_i + v)^h . W^h[f] for the sin and cos rows of the sinusoid.
-    a_sin = jnp.einsum("...ihe,fhe->...ihf", qv, w_sin, precision=_HIGHEST)
-    a_cos = jnp.einsum("...ihe,fhe->...ihf", qv, w_cos, precision=_HIGHEST)
+    # a[..., h, i, f]: (q_i + v)^h . W^h[f], one product for the sin rows (f < d/2) and the cos
+    # rows of the sinusoid, laid out heads-first as the contraction below reads it.
+    a = jnp.einsum("...ihe,fhe->...hif", qv, w_r, precision=_HIGHEST)
+    a_sin, a_cos = a[..., : d // 2], a[..., d // 2 :]
 
     qf, kf = _anchored(qp, kp)
-    angle_q = (qf[..., None] * _trailing(inv_freq, qf.ndim + 1))[..., None, :]  # [..., Lq, 1, F]
+    angle_q = (qf[..., None] * _trailing(inv_freq, qf.ndim + 1))[..., None, :, :]  # [.., 1, Lq, F]
     angle_k = kf[..., None] * _trailing(inv_freq, kf.ndim + 1)  # [..., Lk, F]
+    angle_q = angle_q.reshape((1,) * (a.ndim - angle_q.ndim) + angle_q.shape)
     sin_q, cos_q = jnp.sin(angle_q), jnp.cos(angle_q)
     # sin(w(i - j)) = sin wi cos wj - cos wi sin wj;  cos(w(i - j)) = cos wi cos wj + sin wi sin wj
     per_query = jnp.concatenate(
         [a_sin * sin_q + a_cos * cos_q, a_cos * sin_q - a_sin * cos_q], axis=-1
-    )  # [..., Lq, H, d]: coefficients of cos(w j) and sin(w j)
+    )  # [..., H, Lq, d]: coefficients of cos(w j) and sin(w j)
     per_key = jnp.concatenate([jnp.cos(angle_k), jnp.sin(angle_k)], axis=-1)  # [..., Lk, d]
-    return jnp.einsum("...ihf,...jf->...hij", per_query, per_key, precision=_HIGHEST)
+    if math.prod(shared) == 1:
+        per_key = per_key.reshape(per_key.shape[-2:])
+        return jnp.einsum("...hif,jf->...hij", per_query, per_key, precision=_HIGHEST)
+    per_key = jnp.broadcast_to(per_key, batch + per_key.shape[-2:])
+    return jnp.einsum("...hif,...jf->...hij", per_query, per_key, precision=_HIGHEST)
 
 
 # ------------------------------------------------------------------ dynamic position bias
