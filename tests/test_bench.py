@@ -80,6 +80,8 @@ def test_profile_prints_the_steps_ops_by_time(capsys, tmp_path):
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "train step profile, pe alibi" in out
+    gflop = float(out.split("XLA's cost analysis: ")[1].split()[0])
+    assert 0 < gflop < 1  # a 1-layer, d_model 16 model on 2 x 8 tokens
     assert list(tmp_path.rglob("*.xplane.pb"))
     lines = out.splitlines()
     by_op = lines[lines.index("by jax op (top 3)") + 2 :][:3]

@@ -27,7 +27,8 @@ extra (`pip install -e ".[bench]"`: PyTorch's CPU build and x-transformers).
 with `jax.profiler` and prints where its time goes: milliseconds per step and share of the
 ops' time summed over the runtime's threads, by JAX primitive (`dot_general`, and
 `dot_general (backward)` for the cotangent side) and by HLO instruction of the compiled
-step, with shapes. The trace stays in `--trace-dir` for TensorBoard or xprof. The profiler
+step, with shapes, and the FLOP of a step by XLA's cost analysis. The trace stays in
+`--trace-dir` for TensorBoard or xprof. The profiler
 slows the step, so take shares from it, and times from `train`.
 
     python train/bench.py kernels [--pe none,rope,alibi,t5,kerple,fire] [--lengths 1024,4096,16384]
@@ -367,8 +368,10 @@ def profile(args) -> None:
     batches = data_lib.Batches(tokens, batch_size=args.batch_size, seq_len=args.seq_len, seed=0)
     state, batch = _jpe_step(args, args.pe, batches)
     carry = [state.params, state.opt_state]
-    hlo = state.step.lower(*carry, batch, np.int32(0)).compile().as_text()
-    instructions = hlo_instructions(hlo)
+    compiled = state.step.lower(*carry, batch, np.int32(0)).compile()
+    instructions = hlo_instructions(compiled.as_text())
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
     for i in range(3):  # compile and warm up
         carry[0], carry[1], loss = state.step(*carry, batch, np.int32(i))
     loss.block_until_ready()
@@ -395,7 +398,8 @@ def profile(args) -> None:
     )
     print(
         f"wall {1e3 * wall:.1f} ms/step under the profiler; ops {per_step(total):.1f} ms/step "
-        f"summed over threads ({len(seconds)} HLO instructions timed)"
+        f"summed over threads ({len(seconds)} HLO instructions timed); XLA's cost analysis: "
+        f"{cost.get('flops', float('nan')) / 1e9:.4g} GFLOP a step"
     )
     by_op = {}
     for name, t in seconds.items():
