@@ -372,14 +372,15 @@ def profile(args) -> None:
     instructions = hlo_instructions(compiled.as_text())
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
-    for i in range(3):  # compile and warm up
-        carry[0], carry[1], loss = state.step(*carry, batch, np.int32(i))
+    # The executable whose HLO names the trace's events runs the steps: compiled once.
+    for i in range(3):  # warm up
+        carry[0], carry[1], loss = compiled(*carry, batch, np.int32(i))
     loss.block_until_ready()
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="jpe-profile-")
     with jax.profiler.trace(trace_dir):
         start = time.perf_counter()
         for i in range(args.steps):
-            carry[0], carry[1], loss = state.step(*carry, batch, np.int32(i))
+            carry[0], carry[1], loss = compiled(*carry, batch, np.int32(i))
         loss.block_until_ready()
         wall = (time.perf_counter() - start) / args.steps
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
@@ -623,6 +624,15 @@ def _backend() -> str:
     return jax.default_backend()
 
 
+def _reference_model_args(p: argparse.ArgumentParser) -> None:
+    """The reference configuration's flags, shared by `train` and `profile`."""
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=4)
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_attention_worker"]:
@@ -643,21 +653,13 @@ def main(argv=None) -> None:
     p.add_argument(
         "--pause", type=float, default=1.0, help="seconds of rest before each timed turn"
     )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=4)
+    _reference_model_args(p)
     p = sub.add_parser("profile", help="where one encoding's train step spends its time")
     p.add_argument("--pe", default="none", help="one encoding")
     p.add_argument("--steps", type=int, default=5, help="traced steps")
     p.add_argument("--top", type=int, default=10, help="rows of each table")
     p.add_argument("--trace-dir", default=None, help="keep the trace here (TensorBoard, xprof)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=4)
+    _reference_model_args(p)
     p = sub.add_parser("kernels", help="attention alone: TFLOP/s of every implementation")
     p.add_argument("--pe", default=",".join(KERNEL_PES), help="encodings, comma-separated")
     p.add_argument("--lengths", default=None, help="default 1024,4096,16384 (CPU: 1024)")
