@@ -54,11 +54,21 @@ def _opt_shardings(opt_state, p_shardings, replicated):
 
 def compile_step(cfg, topology: str):
     """`(compiled, mesh)`: the train step of `cfg` (a `TrainConfig`) compiled for `topology`."""
+    import jax
     from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     lowered, mesh = lower_step(cfg, topo.devices, "tpu")
-    return lowered.compile(), mesh
+    # An executable compiled for a topology has no client to load it back, so an entry in the
+    # persistent compilation cache could only fail to load later (JAX warns and compiles
+    # again): this compile writes none.
+    key = "jax_persistent_cache_min_compile_time_secs"
+    before = getattr(jax.config, key)
+    jax.config.update(key, float("inf"))
+    try:
+        return lowered.compile(), mesh
+    finally:
+        jax.config.update(key, before)
 
 
 def lower_step(cfg, devices, platform: str):
