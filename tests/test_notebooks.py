@@ -118,6 +118,9 @@ def kernel_env(tmp_path_factory):
             [str(jupyter_path), *filter(None, [os.environ.get("JUPYTER_PATH")])]
         ),
         "MPLBACKEND": "Agg",
+        # Optimized, as users run them (the suite's own programs compile without: conftest.py);
+        # the notebooks train for long enough that -O0 programs make them slower overall.
+        "JAX_DISABLE_MOST_OPTIMIZATIONS": "0",
         "XLA_FLAGS": " ".join(
             [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2"]
         ).strip(),
