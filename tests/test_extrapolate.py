@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -188,11 +190,39 @@ def test_add_to_puts_new_encodings_beside_an_earlier_lab(lab_run, tmp_path):
     assert not (tmp_path / "x" / "runs").exists(), "checked before training"
 
 
-def test_running_again_resumes_instead_of_retraining(lab_run, capsys):
-    before = (lab_run / "runs" / "alibi-seed0" / "metrics.jsonl").read_text()
-    argv = [*TINY, "--pe=alibi", "--rope-scaling=", "--seeds=0", f"--workdir={lab_run}"]
+def test_running_again_resumes_instead_of_retraining(lab_run, tmp_path):
+    workdir = tmp_path / "lab"  # a copy: the module's lab stays as it was for the other tests
+    shutil.copytree(lab_run, workdir)
+    before = (workdir / "runs" / "alibi-seed0" / "metrics.jsonl").read_text()
+    argv = [*TINY, "--pe=alibi", "--rope-scaling=", "--seeds=0", f"--workdir={workdir}"]
     assert cli.main(argv) == 0
-    assert (lab_run / "runs" / "alibi-seed0" / "metrics.jsonl").read_text() == before
+    assert (workdir / "runs" / "alibi-seed0" / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count())) < 2,
+    reason="needs two CPUs",
+)
+def test_jobs_run_side_by_side_and_give_the_same_numbers(lab_run, tmp_path, capsys):
+    """`--jobs=2`: two worker processes, each on its own CPU, give every run the perplexities
+    of the one-process lab of the module (the same flags) up to float rounding, and the
+    details keep the order of --pe and --seeds whichever run finished first."""
+    # rope, listed first, most likely finishes last: it also evaluates its scaling.
+    argv = [*TINY, "--pe=rope,alibi", "--rope-scaling=linear", "--seeds=0", "--jobs=2",
+            f"--workdir={tmp_path}"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "2 runs in 2 worker processes" in capsys.readouterr().out
+    ours = json.loads((tmp_path / "details.json").read_text())["runs"]
+    alone = json.loads((lab_run / "details.json").read_text())["runs"]
+    assert list(ours) == ["rope", "rope+linear", "alibi"]
+    for spec, by_seed in ours.items():
+        assert set(by_seed) == {"0"}
+        for mode in ("ppl", "ppl_sliding"):
+            assert set(by_seed["0"][mode]) == {"16", "32", "64"}
+            for length, ppl in by_seed["0"][mode].items():
+                assert ppl == pytest.approx(alone[spec]["0"][mode][length], rel=1e-4), (
+                    spec, mode, length
+                )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -201,6 +231,10 @@ def test_running_again_resumes_instead_of_retraining(lab_run, capsys):
         (["--pe=alibi,nope"], "unknown encoding 'nope'"),
         (["--pe=rope", "--rope-scaling=su"], "rope_scalings"),
         (["--pe=rope", "--eval-lengths=4,16", "--stride=8"], "stride"),
+        (["--pe=alibi", "--jobs=0"], "jobs must be an integer >= 1"),
+        (["--pe=alibi", "--seeds=0,0"], "each seed once"),
+        (["--pe=alibi", "--jobs=100000"], "CPUs this process may use"),
+        (["--task=copy", "--jobs=2"], "--jobs applies to the language-model lab"),
     ],
 )
 def test_bad_arguments(argv, message, tmp_path, capsys):

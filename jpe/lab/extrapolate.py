@@ -179,6 +179,8 @@ class LabConfig:
         set_("seeds", tuple(int(s) for s in self.seeds))
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: each seed once, got {self.seeds}")
         set_("rope_scalings", tuple(self.rope_scalings))
         for name in self.rope_scalings:
             _checks.one_of("rope_scalings", name, ROPE_SCALINGS)
@@ -301,12 +303,108 @@ def _seconds(wall: float, timings) -> dict:
     }
 
 
-def run(lab: LabConfig, workdir: str | os.PathLike, *, progress: bool = True, log=print) -> dict:
-    """Trains and evaluates every encoding and seed of `lab`; writes the outputs; returns the
-    details dict (see `write_outputs`)."""
+def _run_one(
+    lab: LabConfig, spec: str, seed: int, workdir: Path, progress: bool, corpus_val=None
+) -> dict:
+    """`{spec: record}` for one encoding and seed: trains it (or resumes its run in
+    `workdir/runs`) and evaluates it; a plain `rope` also gives one `"rope+KIND"` record per
+    evaluation-time scaling (on `corpus_val`, loaded when None)."""
     from jpe.lab import data as data_lib
     from jpe.lab.train import train
 
+    cfg = _train_config(lab, spec, seed)
+    name = spec.replace(RANDOMIZED, "-randomized")
+    began = time.perf_counter()
+    result = train(cfg, workdir / "runs" / f"{name}-seed{seed}", progress=progress)
+    evaluation = result["eval"]
+    seconds = _seconds(time.perf_counter() - began, [evaluation["timings"]])
+    fit = result["seconds"]
+    seconds["train_compile"] = round(fit["fit_compile"], 3)
+    seconds["train"] = round(
+        fit["fit"] - fit["fit_compile"] - fit["val_compile"] - fit["val_run"], 2
+    )
+    seconds["val_1x"] = round(fit["val_compile"] + fit["val_run"], 3)
+    out = {
+        spec: {
+            "ppl": evaluation["ppl"],
+            "ppl_sliding": evaluation.get("ppl_sliding", {}),
+            "loss_by_position": evaluation["loss_by_position"][str(max(lab.eval_lengths))],
+            "final_train_loss": result["losses"][-1]["loss"] if result["losses"] else None,
+            "ppl_1x_curve": result["val_curve"],
+            "seconds": seconds,
+        }
+    }
+    if spec == "rope" and lab.rope_scalings:
+        if corpus_val is None:
+            corpus_val = data_lib.load_corpus(lab.data).val
+        for kind, r in _evaluate_rope_scalings(lab, result["model"], corpus_val).items():
+            out[f"rope+{kind}"] = {**r, "loss_by_position": None}
+    return out
+
+
+# The JAX settings a worker process copies from the process that starts it (it inherits the
+# environment, XLA_FLAGS and JAX_* variables included).
+_WORKER_CONFIG = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+    "jax_numpy_rank_promotion",
+)
+
+
+def _start_worker(cpu_sets, config: dict) -> None:
+    """A worker of `run(..., jobs=N)`: takes the next set of CPUs (so that the workers' XLA
+    thread pools, sized when the backend starts, do not overlap) and the parent's settings."""
+    import jax
+
+    cpus = cpu_sets.get()
+    if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the workers share every CPU
+        os.sched_setaffinity(0, cpus)
+    # Each worker is a single-host process of its own: not a member of a multi-host job
+    # (`jpe.lab.sharding.maybe_initialize_distributed` reads these).
+    for marker in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID"):
+        os.environ.pop(marker, None)
+    for key, value in config.items():
+        jax.config.update(key, value)
+
+
+def _cpu_sets(jobs: int) -> list[list[int]]:
+    """This process's CPUs dealt round-robin into `jobs` disjoint sets."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cpus = cpus or list(range(os.cpu_count() or 1))
+    if jobs > len(cpus):
+        raise ValueError(f"jobs ({jobs}) must be at most the {len(cpus)} CPUs this process may use")
+    return [cpus[i::jobs] for i in range(jobs)]
+
+
+def run(
+    lab: LabConfig,
+    workdir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    log=print,
+    jobs: int = 1,
+) -> dict:
+    """Trains and evaluates every encoding and seed of `lab`; writes the outputs; returns the
+    details dict (see `write_outputs`).
+
+    `jobs` > 1 runs that many encodings and seeds at once, each in a worker process of its
+    own on its own share of the CPUs (CPU only). A model of the lab's size leaves XLA's
+    threads idle for much of each step, so on a CPU several runs side by side finish sooner
+    than one after the other (README, "Length extrapolation"). Each run's numbers are those
+    of `jobs=1` up to float rounding (fewer threads may sum in another order); the seconds
+    reported are each run's own.
+    """
+    import jax
+
+    from jpe.lab import data as data_lib
+
+    jobs = min(_checks.positive_int("jobs", jobs), len(lab.pes) * len(lab.seeds))
+    if jobs > 1 and jax.default_backend() != "cpu":
+        raise ValueError(
+            f"jobs ({jobs}) > 1 runs several CPU processes; on {jax.default_backend()} use jobs=1"
+        )
+    cpu_sets = _cpu_sets(jobs) if jobs > 1 else None
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     need = max(lab.eval_lengths) + 1
@@ -316,36 +414,53 @@ def run(lab: LabConfig, workdir: str | os.PathLike, *, progress: bool = True, lo
             f"the validation split holds {len(corpus.val)} tokens; evaluating at length "
             f"{max(lab.eval_lengths)} needs at least {need}"
         )
-    runs: dict[str, dict[int, dict]] = {}
-    total = len(lab.pes) * len(lab.seeds)
+    order = [(p, s) for p in lab.pes for s in lab.seeds]
+    total = len(order)
     started = time.perf_counter()
-    for i, (spec, seed) in enumerate(((p, s) for p in lab.pes for s in lab.seeds), 1):
-        log(f"[{i}/{total}] {spec}, seed {seed}")
-        cfg = _train_config(lab, spec, seed)
-        name = spec.replace(RANDOMIZED, "-randomized")
-        began = time.perf_counter()
-        result = train(cfg, workdir / "runs" / f"{name}-seed{seed}", progress=progress)
-        evaluation = result["eval"]
-        seconds = _seconds(time.perf_counter() - began, [evaluation["timings"]])
-        fit = result["seconds"]
-        seconds["train_compile"] = round(fit["fit_compile"], 3)
-        seconds["train"] = round(
-            fit["fit"] - fit["fit_compile"] - fit["val_compile"] - fit["val_run"], 2
-        )
-        seconds["val_1x"] = round(fit["val_compile"] + fit["val_run"], 3)
-        runs.setdefault(spec, {})[seed] = {
-            "ppl": evaluation["ppl"],
-            "ppl_sliding": evaluation.get("ppl_sliding", {}),
-            "loss_by_position": evaluation["loss_by_position"][str(max(lab.eval_lengths))],
-            "final_train_loss": result["losses"][-1]["loss"] if result["losses"] else None,
-            "ppl_1x_curve": result["val_curve"],
-            "seconds": seconds,
-        }
-        if spec == "rope" and lab.rope_scalings:
-            log(f"      rope scalings at evaluation: {', '.join(lab.rope_scalings)}")
-            for kind, r in _evaluate_rope_scalings(lab, result["model"], corpus.val).items():
-                runs.setdefault(f"rope+{kind}", {})[seed] = {**r, "loss_by_position": None}
-    runs = {spec: {str(s): r for s, r in by_seed.items()} for spec, by_seed in runs.items()}
+    records: dict[tuple[str, int], dict] = {}
+    if jobs == 1:
+        for i, (spec, seed) in enumerate(order, 1):
+            log(f"[{i}/{total}] {spec}, seed {seed}")
+            if spec == "rope" and lab.rope_scalings:
+                log(f"      rope scalings at evaluation: {', '.join(lab.rope_scalings)}")
+            records[spec, seed] = _run_one(lab, spec, seed, workdir, progress, corpus.val)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        context = multiprocessing.get_context("spawn")  # a fresh JAX in each worker
+        queue = context.Queue()
+        for cpus in cpu_sets:
+            queue.put(cpus)
+        config = {key: getattr(jax.config, key) for key in _WORKER_CONFIG}
+        log(f"{total} runs in {jobs} worker processes (CPUs {cpu_sets})")
+        with ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_start_worker, initargs=(queue, config)
+        ) as pool:
+            # Seed-major: the seeds of one encoding run one after another, not side by side,
+            # so the later ones load its executables from the persistent cache.
+            futures = {
+                pool.submit(_run_one, lab, spec, seed, workdir, False): (spec, seed)
+                for seed in lab.seeds
+                for spec in lab.pes
+            }
+            try:
+                for i, future in enumerate(as_completed(futures), 1):
+                    spec, seed = futures[future]
+                    try:
+                        records[spec, seed] = future.result()
+                    except Exception as e:
+                        e.add_note(f"in the run of {spec}, seed {seed}")
+                        raise
+                    wall = records[spec, seed][spec]["seconds"]["wall"]
+                    log(f"[{i}/{total}] {spec}, seed {seed}: done in {wall:.0f} s")
+            except BaseException:  # a failed run or Ctrl-C: stop, rather than train the rest
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    runs: dict[str, dict[str, dict]] = {}
+    for spec, seed in order:  # the order of `lab.pes` and `lab.seeds`, however they finished
+        for key, record in records[spec, seed].items():
+            runs.setdefault(key, {})[str(seed)] = record
     details = report.details(dataclasses.asdict(lab), runs, time.perf_counter() - started)
     write_outputs(details, workdir)
     return details
@@ -537,6 +652,8 @@ class TaskLabConfig:
         set_("seeds", tuple(int(s) for s in self.seeds))
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: each seed once, got {self.seeds}")
 
 
 def run_tasks(lab: TaskLabConfig, workdir: str | os.PathLike, *, progress: bool = True,
