@@ -393,7 +393,9 @@ def run(
     threads idle for much of each step, so on a CPU several runs side by side finish sooner
     than one after the other (README, "Length extrapolation"). Each run's numbers are those
     of `jobs=1` up to float rounding (fewer threads may sum in another order); the seconds
-    reported are each run's own.
+    reported are each run's own. Workers inherit the environment (`XLA_FLAGS`, `JAX_*`) and
+    copy the settings in `_WORKER_CONFIG` (the compilation cache's, rank promotion); other
+    `jax.config.update` changes made in this process (say, `jax_enable_x64`) do not reach them.
     """
     import jax
 
