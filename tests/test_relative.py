@@ -519,6 +519,33 @@ def test_shaw_values_loop_reference(max_distance):
     np.testing.assert_allclose(got, want, **TOL)
 
 
+def test_shaw_flat_index_equals_the_per_axis_form_with_gradients(monkeypatch):
+    """The one-scalar-index gather and segment sum (`_flat_rows`) against the forms they
+    replace below 2**31 elements (`take_along_axis`, a segment sum per query), which arrays
+    too large for an int32 index still use: values and the gradients of q, the weights and
+    both tables."""
+    rng = _rng(6)
+    q = rng.normal(size=(2, 3, HEADS, DEPTH)).astype(np.float32)
+    weights = rng.uniform(size=(2, HEADS, 3, 5)).astype(np.float32)
+    tables = [rng.normal(size=(7, DEPTH)).astype(np.float32) for _ in range(2)]
+    g_logits = rng.normal(size=(2, HEADS, 3, 5)).astype(np.float32)
+    g_values = rng.normal(size=(2, 3, HEADS, DEPTH)).astype(np.float32)
+
+    def loss(q, weights, key_table, value_table):
+        logits = rel.shaw_logits(q, key_table, Q_POS, K_POS, 3)
+        values = rel.shaw_values(weights, value_table, Q_POS, K_POS, 3)
+        return jnp.sum(logits * g_logits) + jnp.sum(values * g_values), (logits, values)
+
+    args = (q, weights, *tables)
+    flat = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+    monkeypatch.setattr(rel, "_FLAT_INDEX_LIMIT", 0)
+    per_axis = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+    for got, want in zip(jax.tree.leaves(flat), jax.tree.leaves(per_axis), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    want_logits = shaw_logits_ref(q, tables[0], Q_POS, K_POS, 3)
+    np.testing.assert_allclose(flat[0][1][0], want_logits, **TOL)
+
+
 def test_shaw_broadcasts_unbatched_positions():
     rng = _rng(4)
     q = rng.normal(size=(2, 3, HEADS, DEPTH)).astype(np.float32)

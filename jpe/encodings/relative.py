@@ -654,6 +654,24 @@ def _shaw_table(table: ArrayLike, max_distance: int, depth: int | None) -> jax.A
     return table
 
 
+# Below this many elements a flat int32 index addresses every element of a `[..., 2K + 1]` array.
+_FLAT_INDEX_LIMIT = 2**31 - 1
+
+
+def _flat_rows(index: jax.Array, rows: int) -> jax.Array:
+    """`[N]` int32 positions in a row-major `[..., rows]` array of the entries of `index`
+    `[..., n]` (each in [0, rows)): entry (..., t) of row r is r * rows + index[..., t].
+
+    XLA:CPU's gather and scatter-add cost much less with one scalar index per element than
+    with a tuple of every axis's (`take_along_axis`), which `shaw_logits` and `shaw_values`
+    would otherwise build: with the gradients, at batch 16, 4 heads, length 128 and K = 16,
+    the two went from 23.8 to 8.9 ms a layer (interleaved medians of 7).
+    """
+    lead = index.shape[:-1]
+    base = jnp.arange(math.prod(lead), dtype=jnp.int32).reshape(lead + (1,)) * rows
+    return (base + index).reshape(-1)
+
+
 def _check_length(name: str, got: int, positions_name: str, want: int) -> None:
     if got != want:
         raise ValueError(f"{name} has length {got} but {positions_name} has length {want}")
@@ -670,9 +688,10 @@ def shaw_logits(
 
     logits[h, i, j] = q_i^h . a^K_{clip(j - i, -K, K)}
 
-    computed as q @ table^T (`[..., H, Lq, 2K+1]`) followed by a gather along the last axis, so
-    no `[Lq, Lk, D]` tensor is built. The 1/sqrt(D) of eq. 4 is not applied: the caller adds this
-    to q.k and scales the sum. The table is shared across heads, as in the paper.
+    computed as q @ table^T (`[..., H, Lq, 2K+1]`) followed by a gather along the last axis (one
+    scalar index per element, `_flat_rows`), so no `[Lq, Lk, D]` tensor is built. The 1/sqrt(D)
+    of eq. 4 is not applied: the caller adds this to q.k and scales the sum. The table is shared
+    across heads, as in the paper.
 
     Args:
       q: `[..., Lq, H, D]` queries (already projected).
@@ -700,7 +719,11 @@ def shaw_logits(
     per_row = jnp.einsum("...ihd,rd->...hir", q, table, precision=_HIGHEST)  # [..., H, Lq, 2K+1]
     per_row = jnp.broadcast_to(per_row, batch + (heads, lq, table.shape[0]))
     index = jnp.broadcast_to(index[..., None, :, :], batch + (heads, lq, lk))
-    return jnp.take_along_axis(per_row, index, axis=-1)
+    if per_row.size > _FLAT_INDEX_LIMIT:
+        return jnp.take_along_axis(per_row, index, axis=-1)
+    # In bounds by construction: every index lies in [0, 2K] (`shaw_relative_index`).
+    flat = _flat_rows(index, table.shape[0])
+    return per_row.reshape(-1).at[flat].get(mode="promise_in_bounds").reshape(index.shape)
 
 
 def shaw_values(
@@ -714,8 +737,9 @@ def shaw_values(
 
     out[i, h] = sum_j weights[h, i, j] a^V_{clip(j - i, -K, K)}
 
-    computed by summing each query's weights into its 2K + 1 distance rows (a segment sum) and
-    multiplying by the table, so no `[Lq, Lk, D]` tensor is built. The caller adds this to
+    computed by summing each query's weights into its 2K + 1 distance rows (one segment sum over
+    every query, `_flat_rows`) and multiplying by the table, so no `[Lq, Lk, D]` tensor is
+    built. The caller adds this to
     weights @ V.
 
     Args:
@@ -745,11 +769,17 @@ def shaw_values(
 
     weights = jnp.broadcast_to(weights, batch + (heads, lq, lk)).reshape(-1, lk)
     index = jnp.broadcast_to(index[..., None, :, :], batch + (heads, lq, lk)).reshape(-1, lk)
+    queries = weights.shape[0]
+    if queries * rows <= _FLAT_INDEX_LIMIT:
+        segments = _flat_rows(index, rows)  # query n's distance r is segment n * (2K + 1) + r
+        per_row = jax.ops.segment_sum(weights.reshape(-1), segments, num_segments=queries * rows)
+        per_row = per_row.reshape(queries, rows)  # [N, 2K+1]
+    else:
 
-    def one_query(w: jax.Array, idx: jax.Array) -> jax.Array:  # [Lk], [Lk] -> [2K+1]
-        return jax.ops.segment_sum(w, idx, num_segments=rows)
+        def one_query(w: jax.Array, idx: jax.Array) -> jax.Array:  # [Lk], [Lk] -> [2K+1]
+            return jax.ops.segment_sum(w, idx, num_segments=rows)
 
-    per_row = jax.vmap(one_query)(weights, index)  # [N, 2K+1]
+        per_row = jax.vmap(one_query)(weights, index)  # [N, 2K+1]
     out = jnp.matmul(per_row, table, precision=_HIGHEST).reshape(batch + (heads, lq, -1))
     return jnp.swapaxes(out, -3, -2)  # [..., H, Lq, D] -> [..., Lq, H, D]
 
