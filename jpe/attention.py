@@ -8,9 +8,10 @@ no `[H, L, L]` bias is ever built, in the forward pass and in the backward pass.
 pass is FlashAttention-2's (arXiv 2307.08691, Algorithm 2) as a `jax.custom_vjp`: it keeps only
 the output and each row's log-sum-exp, recomputes a block's probabilities from them and asks
 the encoding's bias for its own gradient (`jax.vjp` of `bias_fn` per block, so a T5 table or a
-FIRE MLP trains). Block pairs that every mask rules out (above the causal diagonal) are skipped.
-The hooks that need the unnormalised weights or whole rows (`value_fn`, `contextual_bias_fn`)
-take the same loops differentiated by JAX, with a checkpoint per block. A row with no key to
+FIRE MLP trains), and a value term likewise (`value_fn`, linear in the weights: Shaw et al.'s
+relative values). Block pairs that every mask rules out (above the causal diagonal) are skipped.
+The hook that needs whole rows (`contextual_bias_fn`) takes the same loops differentiated by
+JAX, with a checkpoint per block. A row with no key to
 attend to (a padding query, say) gives zeros rather than NaN, and whatever a masked-out key or
 value holds (NaN included) never reaches a row.
 """
@@ -261,10 +262,10 @@ def attention(
         )
 
     bq, bk = min(block, q_len), min(block, k_len)
-    if value_fn is None and contextual_bias_fn is None:
+    if contextual_bias_fn is None:
         return _xla_fused(
-            q, k, v, bias_fn, query_bias_fn, causal, q_positions, k_positions, q_seg, k_seg,
-            kv_valid, bq, bk, scale,
+            q, k, v, bias_fn, query_bias_fn, value_fn, causal, q_positions, k_positions, q_seg,
+            k_seg, kv_valid, bq, bk, scale,
         )  # fmt: skip
     if contextual_bias_fn is not None and bk < k_len:
         raise ValueError(
@@ -361,10 +362,10 @@ def attention(
 
 
 def _xla_fused(
-    q, k, v, bias_fn, query_bias_fn, causal, q_positions, k_positions, q_seg, k_seg, kv_valid,
-    bq, bk, scale,
+    q, k, v, bias_fn, query_bias_fn, value_fn, causal, q_positions, k_positions, q_seg, k_seg,
+    kv_valid, bq, bk, scale,
 ):  # fmt: skip
-    """The XLA path without `value_fn` or `contextual_bias_fn`: `_flash_xla` on finite keys and
+    """The XLA path without `contextual_bias_fn`: `_flash_xla` on finite keys and
     values, then NaN for the rows that attend to a non-finite one (the contract of
     `attention`); the search for those rows runs only when there is one."""
     batch, q_len, num_heads, _ = q.shape
@@ -373,8 +374,8 @@ def _xla_fused(
     kbad = ~(k_finite.all(axis=-1) & v_finite.all(axis=-1))  # [B, Lk, Hkv]
     k, v = jnp.where(k_finite, k, 0), jnp.where(v_finite, v, 0)
     out = _flash_xla(
-        q, k, v, bias_fn, query_bias_fn, causal, q_positions, k_positions, q_seg, k_seg,
-        kv_valid, bq, bk, scale,
+        q, k, v, bias_fn, query_bias_fn, value_fn, causal, q_positions, k_positions, q_seg,
+        k_seg, kv_valid, bq, bk, scale,
     )  # fmt: skip
 
     def poisoned(_):  # [B, Lq, Hkv]: does a row attend to a bad key, key block by key block
@@ -406,8 +407,8 @@ def _xla_fused(
 # ---------------------------------------------------------------------------------------------
 # The XLA path's fused form: a custom VJP (FlashAttention-2's backward, arXiv 2307.08691, Alg. 2)
 # so that the backward pass recomputes each block's probabilities from the saved log-sum-exp
-# instead of differentiating the online softmax step by step. Used whenever no hook needs the
-# unnormalised weights or whole rows (`value_fn`, `contextual_bias_fn`).
+# instead of differentiating the online softmax step by step. Used whenever no hook needs whole
+# rows (`contextual_bias_fn`).
 
 
 def _unbroadcast(x: jnp.ndarray, shape: tuple) -> jnp.ndarray:
@@ -424,13 +425,18 @@ def _unbroadcast(x: jnp.ndarray, shape: tuple) -> jnp.ndarray:
 
 
 def _flash_xla(
-    q, k, v, bias_fn, query_bias_fn, causal, q_positions, k_positions, q_seg, k_seg, kv_valid,
-    bq, bk, scale,
+    q, k, v, bias_fn, query_bias_fn, value_fn, causal, q_positions, k_positions, q_seg, k_seg,
+    kv_valid, bq, bk, scale,
 ):  # fmt: skip
     """The blocked attention of `attention` with a custom VJP; inputs as there (k and v already
     finite), `[B, Lq, H, D]` out. Layout inside: heads first, `[B, Hkv, G, L, D]` for queries
     and `[B, Hkv, L, D]` for keys and values, so every block product is a plain batched
-    matrix product."""
+    matrix product.
+
+    A value term F(P) (`value_fn`, linear in the weights P) adds to P V. In the backward pass
+    it adds F's transpose applied to dO to dP (its `jax.vjp` with respect to the weights) and
+    returns its parameters' gradients; the softmax's row term, rowsum(dO * O), already holds
+    it, since rowsum(P * F^T(dO)) = rowsum(dO * F(P)) for a linear F."""
     batch, q_len, num_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     groups = num_heads // kv_heads
@@ -474,6 +480,22 @@ def _flash_xla(
         bias_closed, consts = jax.closure_convert(total_bias, qb0, qp[0], kp[0])
     else:
         bias_closed, consts = None, []
+    n_bias = len(consts)  # consts[:n_bias] are the bias's, the rest the value term's
+    if value_fn is not None:
+        p0 = jax.ShapeDtypeStruct((batch, num_heads, bq, bk), jnp.float32)
+        value_closed, value_consts = jax.closure_convert(value_fn, p0, qp[0], kp[0])
+        consts = [*consts, *value_consts]
+
+    def value_of(consts, p, qp, kp):  # [B, Hkv, G, bq, bk] -> [B, Hkv, G, bq, D] float32
+        weights = p.reshape(batch, num_heads, bq, bk)
+        out = value_closed(weights, qp, kp, *consts[n_bias:])
+        if out.shape != (batch, bq, num_heads, head_dim):
+            raise ValueError(
+                f"value_fn must return [B, bq, H, D] = {(batch, bq, num_heads, head_dim)}; "
+                f"got {out.shape}"
+            )
+        out = out.astype(jnp.float32).reshape(batch, bq, kv_heads, groups, head_dim)
+        return jnp.moveaxis(out, 1, 3)
 
     def bias_of(consts, qg_block, qp, kp):  # -> [B or 1, Hkv or 1, G or 1, bq, bk] float32
         qb = None
@@ -483,7 +505,7 @@ def _flash_xla(
             qb = jnp.zeros((batch, bq, num_heads, head_dim), q.dtype)  # unread
         # Built once per block, not fused into the consumers of `[B, H, bq, bk]`: XLA would
         # redo a shared `[1, H, bq, bk]` bias (logs, buckets) for every batch row, in both passes.
-        bias = materialized(bias_closed(qb, qp, kp, *consts))
+        bias = materialized(bias_closed(qb, qp, kp, *consts[:n_bias]))
         if bias.ndim != 4 or bias.shape[-2:] != (bq, bk) or bias.shape[1] not in (1, num_heads):
             raise ValueError(
                 f"bias_fn must return [B or 1, H or 1, bq, bk] or [H or 1, bq, bk] with "
@@ -515,6 +537,8 @@ def _flash_xla(
                     "bhgqk,bhkd->bhgqd", p.astype(vb_j.dtype), vb_j,
                     preferred_element_type=jnp.float32,
                 )  # fmt: skip
+                if value_fn is not None:
+                    pv = pv + value_of(consts, p, qp_i, kp_j)
                 return (
                     m_new,
                     denom * correction + p.sum(axis=-1),
@@ -567,6 +591,11 @@ def _flash_xla(
             "bhgqk,bhgqd->bhkd", p.astype(dtype), do_i, preferred_element_type=jnp.float32
         )
         dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_i, vb_j, preferred_element_type=jnp.float32)
+        dconsts_value = None
+        if value_fn is not None:
+            _, value_vjp = jax.vjp(lambda c, w: value_of(c, w, qp_i, kp_j), consts, p)
+            dconsts_value, dp_value = value_vjp(do_i.astype(jnp.float32))
+            dp = dp + dp_value
         ds = p * (dp - delta_i[..., None])
         dq = jnp.einsum(
             "bhgqk,bhkd->bhgqd", ds.astype(dtype), kb_j, preferred_element_type=jnp.float32
@@ -579,6 +608,8 @@ def _flash_xla(
             dconsts, dqg = bias_vjp(_unbroadcast(ds, bias.shape).astype(bias.dtype))
             if query_bias_fn is not None:
                 dq = dq + dqg.astype(jnp.float32)
+        if dconsts_value is not None:
+            dconsts = [a + b for a, b in zip(dconsts, dconsts_value, strict=True)]
         return dq, dk, dv, list(dconsts)
 
     def backward(res, do):
