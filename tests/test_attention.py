@@ -159,11 +159,9 @@ def test_kv_mask_and_empty_rows_are_zero_not_nan():
     assert np.all(np.isfinite(grads))
 
 
-def test_query_dependent_bias_and_value_terms():
-    """Shaw-style terms: a bias that reads the query block, and relative value embeddings."""
-    b, length, h, d, kmax = 2, 9, 2, 4, 3
-    q, k, v = _qkv(4, b, length, length, h, h, d)
-    ka, va = jax.random.normal(jax.random.PRNGKey(9), (2, 2 * kmax + 1, d))
+def _shaw_hooks(ka, va, kmax):
+    """Shaw-style hooks written independently of `jpe.encodings`: a bias that reads the query
+    block (key table `ka`) and relative value embeddings (value table `va`), clipped at kmax."""
 
     def rel(qp, kp):
         return jnp.clip(kp[:, None, :] - qp[:, :, None], -kmax, kmax) + kmax  # [B, bq, bk]
@@ -176,6 +174,16 @@ def test_query_dependent_bias_and_value_terms():
     def value_fn(w, qp, kp):
         onehot = jax.nn.one_hot(rel(qp, kp), 2 * kmax + 1)  # [B, bq, bk, R]
         return jnp.einsum("bhqk,bqkr,rd->bqhd", w, onehot, va)
+
+    return query_bias_fn, value_fn
+
+
+def test_query_dependent_bias_and_value_terms():
+    """Shaw-style terms: a bias that reads the query block, and relative value embeddings."""
+    b, length, h, d, kmax = 2, 9, 2, 4, 3
+    q, k, v = _qkv(4, b, length, length, h, h, d)
+    ka, va = jax.random.normal(jax.random.PRNGKey(9), (2, 2 * kmax + 1, d))
+    query_bias_fn, value_fn = _shaw_hooks(ka, va, kmax)
 
     got = attention(
         q,
@@ -210,18 +218,7 @@ def test_value_term_gradients_match_dense(block_size):
     idx = jnp.clip(pos[None, :] - pos[:, None], -kmax, kmax) + kmax  # [q, k]
 
     def blocked(q, k, v, ka, va):
-        def rel(qp, kp):
-            return jnp.clip(kp[:, None, :] - qp[:, :, None], -kmax, kmax) + kmax
-
-        def query_bias_fn(qb, qp, kp):
-            qa = jnp.einsum("bqhd,rd->bhqr", qb.astype(jnp.float32), ka)
-            at = jnp.broadcast_to(rel(qp, kp)[:, None], qa.shape[:3] + (kp.shape[1],))
-            return jnp.take_along_axis(qa, at, axis=-1)
-
-        def value_fn(w, qp, kp):
-            onehot = jax.nn.one_hot(rel(qp, kp), 2 * kmax + 1)  # [B, bq, bk, R]
-            return jnp.einsum("bhqk,bqkr,rd->bqhd", w, onehot, va)
-
+        query_bias_fn, value_fn = _shaw_hooks(ka, va, kmax)
         out = attention(
             q, k, v, query_bias_fn=query_bias_fn, value_fn=value_fn, block_size=block_size,
             causal=True,
