@@ -486,16 +486,16 @@ def _flash_xla(
         value_closed, value_consts = jax.closure_convert(value_fn, p0, qp[0], kp[0])
         consts = [*consts, *value_consts]
 
-    def value_of(consts, p, qp, kp):  # [B, Hkv, G, bq, bk] -> [B, Hkv, G, bq, D] float32
-        weights = p.reshape(batch, num_heads, bq, bk)
-        out = value_closed(weights, qp, kp, *consts[n_bias:])
-        if out.shape != (batch, bq, num_heads, head_dim):
-            raise ValueError(
-                f"value_fn must return [B, bq, H, D] = {(batch, bq, num_heads, head_dim)}; "
-                f"got {out.shape}"
-            )
-        out = out.astype(jnp.float32).reshape(batch, bq, kv_heads, groups, head_dim)
-        return jnp.moveaxis(out, 1, 3)
+        def value_of(consts, p, qp, kp):  # [B, Hkv, G, bq, bk] -> [B, Hkv, G, bq, D] float32
+            weights = p.reshape(batch, num_heads, bq, bk)
+            out = value_closed(weights, qp, kp, *consts[n_bias:])
+            if out.shape != (batch, bq, num_heads, head_dim):
+                raise ValueError(
+                    f"value_fn must return [B, bq, H, D] = {(batch, bq, num_heads, head_dim)}; "
+                    f"got {out.shape}"
+                )
+            out = out.astype(jnp.float32).reshape(batch, bq, kv_heads, groups, head_dim)
+            return jnp.moveaxis(out, 1, 3)
 
     def bias_of(consts, qg_block, qp, kp):  # -> [B or 1, Hkv or 1, G or 1, bq, bk] float32
         qb = None
