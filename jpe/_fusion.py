@@ -23,5 +23,15 @@ def materialized(arrays):
     if not leaves:
         return arrays
     pred = jnp.isnan(jnp.ravel(leaves[0])[0])
-    same = lambda a: jax.tree.map(lambda t: t + jnp.zeros((), t.dtype), a)
-    return jax.lax.cond(pred, same, lambda a: a, arrays)
+    return jax.lax.cond(pred, _plus_zero, _identity, arrays)
+
+
+# The branches are module-level functions, not closures made per call: JAX caches a branch's
+# trace by the function object, so an eagerly run conditional (a model called outside `jit`)
+# compiles once per shape instead of once per call.
+def _plus_zero(arrays):
+    return jax.tree.map(lambda t: t + jnp.zeros((), t.dtype), arrays)
+
+
+def _identity(arrays):
+    return arrays

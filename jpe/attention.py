@@ -368,8 +368,7 @@ def _xla_fused(
     """The XLA path without `contextual_bias_fn`: `_flash_xla` on finite keys and
     values, then NaN for the rows that attend to a non-finite one (the contract of
     `attention`); the search for those rows runs only when there is one."""
-    batch, q_len, num_heads, _ = q.shape
-    kv_heads = k.shape[2]
+    num_heads, kv_heads = q.shape[2], k.shape[2]
     k_finite, v_finite = jnp.isfinite(k), jnp.isfinite(v)
     kbad = ~(k_finite.all(axis=-1) & v_finite.all(axis=-1))  # [B, Lk, Hkv]
     k, v = jnp.where(k_finite, k, 0), jnp.where(v_finite, v, 0)
@@ -378,30 +377,41 @@ def _xla_fused(
         k_seg, kv_valid, bq, bk, scale,
     )  # fmt: skip
 
-    def poisoned(_):  # [B, Lq, Hkv]: does a row attend to a bad key, key block by key block
-        def step(hits, xs):
-            kp, ks, kval, bad = xs  # [B', bk] x 3, [B, bk, Hkv]
-            mask = (q_seg[:, :, None] == ks[:, None, :]) & kval[:, None, :]
-            if causal:
-                mask = mask & (kp[:, None, :] <= q_positions[:, :, None])
-            mask = jnp.broadcast_to(mask, (batch,) + mask.shape[1:]).astype(jnp.float32)
-            n = jnp.einsum("bqk,bkh->bqh", mask, bad.astype(jnp.float32))
-            return hits | (n > 0), None
-
-        xs = (
-            _blocks(k_positions, bk, 0),
-            _blocks(k_seg, bk, 0),
-            _blocks(kv_valid, bk, False),
-            _blocks(kbad, bk, False),
-        )
-        hits, _ = jax.lax.scan(step, jnp.zeros((batch, q_len, kv_heads), bool), xs)
-        return hits
-
-    hits = jax.lax.cond(
-        kbad.any(), poisoned, lambda _: jnp.zeros((batch, q_len, kv_heads), bool), None
+    xs = (
+        _blocks(k_positions, bk, 0),
+        _blocks(k_seg, bk, 0),
+        _blocks(kv_valid, bk, False),
+        _blocks(kbad, bk, False),
     )
+    operands = (q_positions, q_seg, jnp.asarray(causal), xs)
+    hits = jax.lax.cond(kbad.any(), _poisoned_rows, _no_poisoned_rows, operands)
     hits = jnp.repeat(hits, num_heads // kv_heads, axis=2)[..., None]  # [B, Lq, H, 1]
     return jnp.where(hits, jnp.nan, out).astype(q.dtype)
+
+
+# The branches of `_xla_fused`'s search are module-level functions of their operands, not
+# closures made per call: JAX caches a branch's trace by the function object, so attention run
+# outside `jit` compiles the search once per shape rather than once per call.
+def _poisoned_rows(operands):
+    """`[B, Lq, Hkv]`: does a row attend to a non-finite key or value, key block by key block."""
+    q_positions, q_seg, causal, xs = operands  # [B', Lq] x 2, bool, blocked keys' arrays
+    batch = xs[3].shape[1]
+
+    def step(hits, x):
+        kp, ks, kval, bad = x  # [B', bk] x 3, [B, bk, Hkv]
+        mask = (q_seg[:, :, None] == ks[:, None, :]) & kval[:, None, :]
+        mask = mask & ((kp[:, None, :] <= q_positions[:, :, None]) | ~causal)
+        mask = jnp.broadcast_to(mask, (batch,) + mask.shape[1:]).astype(jnp.float32)
+        n = jnp.einsum("bqk,bkh->bqh", mask, bad.astype(jnp.float32))
+        return hits | (n > 0), None
+
+    hits, _ = jax.lax.scan(step, _no_poisoned_rows(operands), xs)
+    return hits
+
+
+def _no_poisoned_rows(operands):
+    _, q_seg, _, xs = operands
+    return jnp.zeros((xs[3].shape[1], q_seg.shape[-1], xs[3].shape[3]), bool)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,6 +159,35 @@ def test_kv_mask_and_empty_rows_are_zero_not_nan():
     assert np.all(np.isfinite(grads))
 
 
+def test_attention_outside_jit_compiles_nothing_the_second_time():
+    """Run eagerly on one block, attention's conditionals (the search for non-finite keys, the
+    materialized bias) reuse their compiled programs: a second call with the same shapes
+    compiles nothing. Their branches were closures made per call, which JAX traced and compiled
+    afresh each time (two programs a call here). Over several blocks the scans still close over
+    each call's arrays and compile again; under `jit` none of this arises."""
+    q, k, v = _qkv(7, 2, 6, 6, 2, 2, 4)
+    slopes = jnp.array([0.5, 0.25])
+
+    def bias_fn(qp, kp):  # ALiBi-like, [B', H, bq, bk]
+        distance = jnp.abs(kp[:, None, :] - qp[:, :, None]).astype(jnp.float32)
+        return -slopes[None, :, None, None] * distance[:, None]
+
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    first = attention(q, k, v, bias_fn=bias_fn)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        second = attention(q, k, v, bias_fn=bias_fn)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    np.testing.assert_array_equal(first, second)
+    assert compiles == [], f"{len(compiles)} programs compiled again"
+
+
 def _shaw_hooks(ka, va, kmax):
     """Shaw-style hooks written independently of `jpe.encodings`: a bias that reads the query
     block (key table `ka`) and relative value embeddings (value table `va`), clipped at kmax."""
