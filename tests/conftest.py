@@ -6,9 +6,11 @@ slopes is an error rather than a silently wrong tensor.
 One persistent compilation cache for the whole run, in a temporary folder removed at the
 end: many tests compile the same program (one model configuration's forward pass, in this
 process, in another pytest-xdist worker, or in a notebook's kernel or a command line run as a
-subprocess, which inherit `JPE_CACHE_DIR`), and only the first compiles it. Nothing is
-written to the home folder, and every run starts empty, so no test ever depends on an
-earlier run. Tests of the cache itself point it at folders of their own.
+subprocess, which inherit `JPE_CACHE_DIR`), and only the first compiles it. It keeps programs
+that took at least a quarter of a second to compile: the thousands of one-operation programs
+that a model run outside `jit` compiles are quicker to compile again than to write and read
+back. Nothing is written to the home folder, and every run starts empty, so no test ever
+depends on an earlier run. Tests of the cache itself point it at folders of their own.
 
 The suite runs in pytest-xdist workers (`addopts` in pyproject.toml: as many as the
 machine's cores, at most 4, each test file in one worker so that module fixtures are built
@@ -18,9 +20,13 @@ XLA compiles with most optimizations off (`JAX_DISABLE_MOST_OPTIMIZATIONS`: LLVM
 none of its expensive passes; the HLO passes, fusion included, still run). The suite is
 thousands of small programs each run a few times, so compiling is most of its time: this
 cut the suite's summed test time by about a third (a side-by-side run of two test files:
-120 s to 91 s). The values each program computes are the same up to float rounding, which
-every numerical test's tolerance already allows. Set the variable to 0 to test the optimized
-programs; the notebooks run optimized (tests/test_notebooks.py), as users run them.
+120 s to 91 s). XLA:CPU also uses its classic loop emitters and no XNNPACK rewrites here
+(`FAST_COMPILE_FLAGS`, appended to `XLA_FLAGS` unless it names them): a one-operation program
+then compiles in about 11 ms instead of 32, and `tests/test_transformer.py` took 228 s instead
+of 278 in one process. The values each program computes are the same up to float rounding,
+which every numerical test's tolerance already allows. Set the variable to 0 (and the flags
+to true) to test the optimized programs; the notebooks run optimized and without the flags
+(tests/test_notebooks.py), as users run them.
 
 libtpu (in the test extra, for the TPU compile checks) is allowed to load in every worker at
 once; it needs no TPU to compile.
@@ -34,11 +40,19 @@ from pathlib import Path
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# XLA:CPU's newer fusion emitters and its XNNPACK rewrites cost most of a small program's
+# compile; the classic emitters compile it in about a third of the time (`FAST_COMPILE_FLAGS`).
+# The notebooks' kernels get the flags the run started with (`JPE_TEST_USER_XLA_FLAGS`).
+FAST_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_use_xnnpack=false")
+_flags = os.environ.setdefault("JPE_TEST_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = " ".join(
+    [_flags, *(f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in _flags)]
+).strip()
 
 import jax  # noqa: E402
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, settings  # noqa: E402
 
-from jpe.lab import cli
+from jpe.lab import cli  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -52,7 +66,7 @@ def _run_cache_dir() -> Path:
 
 _CACHE = _run_cache_dir()
 os.environ["JPE_CACHE_DIR"] = str(_CACHE)
-cli.enable_compilation_cache(_CACHE, min_compile_seconds=0)
+cli.enable_compilation_cache(_CACHE, min_compile_seconds=0.25)
 
 
 def pytest_unconfigure(config):
