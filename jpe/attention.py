@@ -383,7 +383,7 @@ def _xla_fused(
         _blocks(kv_valid, bk, False),
         _blocks(kbad, bk, False),
     )
-    operands = (q_positions, q_seg, jnp.asarray(causal), xs)
+    operands = (q_positions, q_seg, jnp.asarray(bool(causal)), xs)
     hits = jax.lax.cond(kbad.any(), _poisoned_rows, _no_poisoned_rows, operands)
     hits = jnp.repeat(hits, num_heads // kv_heads, axis=2)[..., None]  # [B, Lq, H, 1]
     return jnp.where(hits, jnp.nan, out).astype(q.dtype)

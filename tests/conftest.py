@@ -6,11 +6,12 @@ slopes is an error rather than a silently wrong tensor.
 One persistent compilation cache for the whole run, in a temporary folder removed at the
 end: many tests compile the same program (one model configuration's forward pass, in this
 process, in another pytest-xdist worker, or in a notebook's kernel or a command line run as a
-subprocess, which inherit `JPE_CACHE_DIR`), and only the first compiles it. It keeps programs
-that took at least a quarter of a second to compile: the thousands of one-operation programs
-that a model run outside `jit` compiles are quicker to compile again than to write and read
-back. Nothing is written to the home folder, and every run starts empty, so no test ever
-depends on an earlier run. Tests of the cache itself point it at folders of their own.
+subprocess, which inherit `JPE_CACHE_DIR`), and only the first compiles it. The tests'
+processes keep programs that took at least a quarter of a second to compile: the thousands of
+one-operation programs that a model run outside `jit` compiles are quicker to compile again
+than to write and read back (kernels and command lines keep their own default, 0.1 s). Nothing
+is written to the home folder, and every run starts empty, so no test ever depends on an
+earlier run. Tests of the cache itself point it at folders of their own.
 
 The suite runs in pytest-xdist workers (`addopts` in pyproject.toml: as many as the
 machine's cores, at most 4, each test file in one worker so that module fixtures are built

@@ -546,36 +546,42 @@ def test_shaw_flat_index_equals_the_per_axis_form_with_gradients(monkeypatch):
     np.testing.assert_allclose(flat[0][1][0], want_logits, **TOL)
 
 
-def test_shaw_positions_shared_by_the_batch_equal_a_copy_per_row_with_gradients():
+def test_shaw_positions_shared_by_the_batch_equal_a_copy_per_row_with_gradients(monkeypatch):
     """Positions shared by the batch take the gather and segment sum over rows of batch x heads
     values (`_shared_rows`); the same positions copied to every row take the per-element forms.
     Values and the gradients of q, the weights and both tables agree, and both match the loops.
-    q has an extra leading axis, which the shared positions broadcast against."""
+    q has an extra leading axis, which the shared positions broadcast against; the table's 7 rows
+    differ from Lk = 5, so neither can stand in for the other."""
     rng = _rng(4)
     q = rng.normal(size=(2, 2, 3, HEADS, DEPTH)).astype(np.float32)
     weights = rng.uniform(size=(2, 2, HEADS, 3, 5)).astype(np.float32)
-    tables = [rng.normal(size=(5, DEPTH)).astype(np.float32) for _ in range(2)]
+    tables = [rng.normal(size=(7, DEPTH)).astype(np.float32) for _ in range(2)]
     g_logits = rng.normal(size=(2, 2, HEADS, 3, 5)).astype(np.float32)
     g_values = rng.normal(size=(2, 2, 3, HEADS, DEPTH)).astype(np.float32)
 
     def loss(q, weights, key_table, value_table, q_pos, k_pos):
-        logits = rel.shaw_logits(q, key_table, q_pos, k_pos, 2)
-        values = rel.shaw_values(weights, value_table, q_pos, k_pos, 2)
+        logits = rel.shaw_logits(q, key_table, q_pos, k_pos, 3)
+        values = rel.shaw_values(weights, value_table, q_pos, k_pos, 3)
         return jnp.sum(logits * g_logits) + jnp.sum(values * g_values), (logits, values)
 
+    calls = []
+    shared_rows = rel._shared_rows
+    monkeypatch.setattr(rel, "_shared_rows", lambda *a: calls.append(a) or shared_rows(*a))
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
-    shared = grad(q, weights, *tables, Q_POS[0], K_POS[0])
+    shared = grad(q, weights, *tables, Q_POS[:1], K_POS[:1])  # [1, L]: one batch row
+    assert len(calls) == 2, "shared positions should take the _shared_rows path"
     copied = (np.broadcast_to(Q_POS[0], (2, 2, 3)), np.broadcast_to(K_POS[0], (2, 2, 5)))
     per_row = grad(q, weights, *tables, *copied)
+    assert len(calls) == 2, "positions per row should take the per-element path"
     for got, want in zip(jax.tree.leaves(shared), jax.tree.leaves(per_row), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     (_, (logits, values)), _ = shared
     flat = (2 * 2,)
     q_ref = q.reshape(flat + q.shape[2:])
     pos = (np.broadcast_to(Q_POS[0], (4, 3)), np.broadcast_to(K_POS[0], (4, 5)))
-    want = shaw_logits_ref(q_ref, tables[0], *pos, 2).reshape(logits.shape)
+    want = shaw_logits_ref(q_ref, tables[0], *pos, 3).reshape(logits.shape)
     np.testing.assert_allclose(logits, want, **TOL)
-    want = shaw_values_ref(weights.reshape(flat + weights.shape[2:]), tables[1], *pos, 2)
+    want = shaw_values_ref(weights.reshape(flat + weights.shape[2:]), tables[1], *pos, 3)
     np.testing.assert_allclose(values, want.reshape(values.shape), **TOL)
 
 

@@ -39,8 +39,17 @@ def _losses(workdir: Path) -> list[float]:
 
 
 def _subprocess(code: str, env_extra: dict | None = None, timeout: int = 600):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(env_extra or {})
+    """Runs `code` in a fresh interpreter with the run's XLA flags (conftest.py's compile
+    flags, so that its programs match this process's) but no device count of their own; a
+    device count or other flags in `env_extra["XLA_FLAGS"]` are added to them."""
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    extra = dict(env_extra or {})
+    env = {**os.environ, **extra}
+    env["XLA_FLAGS"] = " ".join([*flags, extra.get("XLA_FLAGS", "")]).strip()
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT,

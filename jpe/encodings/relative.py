@@ -654,7 +654,8 @@ def _shaw_table(table: ArrayLike, max_distance: int, depth: int | None) -> jax.A
     return table
 
 
-# Below this many elements a flat int32 index addresses every element of a `[..., 2K + 1]` array.
+# Below this many elements (rows, for `_shared_rows`) an int32 index addresses every element
+# (row) of a `[..., 2K + 1]` (`[Lq * (2K + 1), N]`) array.
 _FLAT_INDEX_LIMIT = 2**31 - 1
 
 
@@ -733,7 +734,7 @@ def shaw_logits(
     heads, lq, lk = q.shape[-2], index.shape[-2], index.shape[-1]
 
     rows = table.shape[0]
-    if math.prod(index.shape[:-2]) == 1 and lq * max(lk, rows) <= _FLAT_INDEX_LIMIT:
+    if math.prod(index.shape[:-2]) == 1 and lq * rows <= _FLAT_INDEX_LIMIT:
         # One index for the whole batch: gather rows of batch x heads values (`_shared_rows`).
         n = math.prod(batch)
         q = jnp.broadcast_to(q, batch + q.shape[-3:]).reshape((n,) + q.shape[-3:])
@@ -794,7 +795,7 @@ def shaw_values(
     rows = table.shape[0]
 
     weights = jnp.broadcast_to(weights, batch + (heads, lq, lk))
-    if math.prod(index.shape[:-2]) == 1 and lq * max(lk, rows) <= _FLAT_INDEX_LIMIT:
+    if math.prod(index.shape[:-2]) == 1 and lq * rows <= _FLAT_INDEX_LIMIT:
         # One index for the whole batch: sum rows of batch x heads weights (`_shared_rows`).
         n = math.prod(batch)
         columns = weights.reshape(n, heads, lq, lk).transpose(2, 3, 0, 1)  # [Lq, Lk, B, H]
