@@ -665,12 +665,18 @@ def _flat_rows(index: jax.Array, rows: int) -> jax.Array:
 
     XLA:CPU's gather and scatter-add cost much less with one scalar index per element than
     with a tuple of every axis's (`take_along_axis`), which `shaw_logits` and `shaw_values`
-    would otherwise build: with the gradients, at batch 16, 4 heads, length 128 and K = 16,
-    the two went from 23.8 to 8.9 ms a layer (interleaved medians of 7).
+    would otherwise build: `python train/bench.py train --pe none,shaw --rounds 5 --steps 10`
+    gave Shaw's step 209.1 ms before (1.41x none) and 201.8 ms after (1.37x), at 1c3add4.
     """
     lead = index.shape[:-1]
     base = jnp.arange(math.prod(lead), dtype=jnp.int32).reshape(lead + (1,)) * rows
     return (base + index).reshape(-1)
+
+
+def _batch_shares(index: jax.Array, rows: int) -> bool:
+    """Whether `index` `[..., Lq, Lk]` serves the whole batch (its batch axes are all 1) and
+    its `[Lq * rows, N]` rows fit an int32 index: then `_shared_rows` applies."""
+    return math.prod(index.shape[:-2]) == 1 and index.shape[-2] * rows <= _FLAT_INDEX_LIMIT
 
 
 def _shared_rows(index: jax.Array, rows: int) -> jax.Array:
@@ -679,9 +685,10 @@ def _shared_rows(index: jax.Array, rows: int) -> jax.Array:
 
     With the batch and heads as the minor axis, XLA:CPU's gather and segment sum move rows of
     N = batch x heads contiguous values per index, not one value per index (`_flat_rows`). The
-    transposes to and from that layout cost back part of the gain: at batch 16, 4 heads, length
-    128 and K = 16, Shaw's two terms with their gradients went from 17.8 to 13.0 ms a layer
-    (isolated, medians of 7, side by side), the whole train step from about 200 to 190 ms.
+    transposes to and from that layout cost back part of the gain: `python train/bench.py train
+    --pe none,shaw --rounds 7 --steps 10` gave Shaw's step 199.8 and 203.1 ms before (1.32x to
+    1.33x none), 190.0 ms (1.27x) and 229.6 ms (a run with one 380 ms round) after, at 2d2c249
+    (README, "Shaw, since").
     """
     lq, lk = index.shape[-2:]
     base = jnp.arange(lq, dtype=jnp.int32)[:, None] * rows
@@ -734,7 +741,7 @@ def shaw_logits(
     heads, lq, lk = q.shape[-2], index.shape[-2], index.shape[-1]
 
     rows = table.shape[0]
-    if math.prod(index.shape[:-2]) == 1 and lq * rows <= _FLAT_INDEX_LIMIT:
+    if _batch_shares(index, rows):
         # One index for the whole batch: gather rows of batch x heads values (`_shared_rows`).
         n = math.prod(batch)
         q = jnp.broadcast_to(q, batch + q.shape[-3:]).reshape((n,) + q.shape[-3:])
@@ -749,7 +756,7 @@ def shaw_logits(
     if per_row.size > _FLAT_INDEX_LIMIT:
         return jnp.take_along_axis(per_row, index, axis=-1)
     # In bounds by construction: every index lies in [0, 2K] (`shaw_relative_index`).
-    flat = _flat_rows(index, table.shape[0])
+    flat = _flat_rows(index, rows)
     return per_row.reshape(-1).at[flat].get(mode="promise_in_bounds").reshape(index.shape)
 
 
@@ -795,7 +802,7 @@ def shaw_values(
     rows = table.shape[0]
 
     weights = jnp.broadcast_to(weights, batch + (heads, lq, lk))
-    if math.prod(index.shape[:-2]) == 1 and lq * rows <= _FLAT_INDEX_LIMIT:
+    if _batch_shares(index, rows):
         # One index for the whole batch: sum rows of batch x heads weights (`_shared_rows`).
         n = math.prod(batch)
         columns = weights.reshape(n, heads, lq, lk).transpose(2, 3, 0, 1)  # [Lq, Lk, B, H]
