@@ -531,7 +531,7 @@ def _flash_xla(
             s = s + bias_of(consts, qg_block, qp, kp)
         return jnp.where(mask, s, _MASKED)
 
-    def forward_row(consts, k_blocks, v_blocks, qg_i, qp_i, qs_i):  # one query block, all keys
+    def forward_row(consts, k_blocks, v_blocks, qg_i, qp_i, qs_i, kp, ks, kval):  # all keys
         def step(carry, kv):
             m, denom, acc = carry
             kb_j, vb_j, kp_j, ks_j, kval_j = kv
@@ -577,12 +577,16 @@ def _flash_xla(
         lse = jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, denom)))
         return out, lse
 
-    def forward(q_blocks, k_blocks, v_blocks, consts):
+    def forward(q_blocks, k_blocks, v_blocks, consts, where):
+        qp, qs, kp, ks, kval = where
         if nq == 1:
-            out, lse = forward_row(consts, k_blocks, v_blocks, q_blocks[0], qp[0], qs[0])
+            out, lse = forward_row(
+                consts, k_blocks, v_blocks, q_blocks[0], qp[0], qs[0], kp, ks, kval
+            )
             return out[None], lse[None]
         return jax.lax.map(
-            lambda xs: forward_row(consts, k_blocks, v_blocks, *xs), (q_blocks, qp, qs)
+            lambda xs: forward_row(consts, k_blocks, v_blocks, *xs, kp, ks, kval),
+            (q_blocks, qp, qs),
         )
 
     def pair_grads(consts, qg_i, qp_i, qs_i, do_i, lse_i, delta_i, kb_j, vb_j, kp_j, ks_j,
@@ -623,7 +627,8 @@ def _flash_xla(
         return dq, dk, dv, list(dconsts)
 
     def backward(res, do):
-        q_blocks, k_blocks, v_blocks, consts, out, lse = res
+        q_blocks, k_blocks, v_blocks, consts, where, out, lse = res
+        qp, qs, kp, ks, kval = where
         do = do.astype(jnp.float32)
         delta = (do * out).sum(axis=-1)  # [nq, B, Hkv, G, bq]
         do = do.astype(q_blocks.dtype)
@@ -680,18 +685,22 @@ def _flash_xla(
             dk.astype(k_blocks.dtype),
             dv.astype(v_blocks.dtype),
             [d.astype(c.dtype) for d, c in zip(dconsts, consts, strict=True)],
+            None,  # positions, segments and the key mask: integers and booleans
         )
 
+    # Every array the passes read is an argument (`where`: the blocked positions, segments
+    # and key mask), none a closure: a custom VJP that closed over the arrays of a jit's trace
+    # would fail when the gradient is taken outside that jit (`jax.grad(jax.jit(f))`).
     @jax.custom_vjp
-    def fused(q_blocks, k_blocks, v_blocks, consts):
-        return forward(q_blocks, k_blocks, v_blocks, consts)[0]
+    def fused(q_blocks, k_blocks, v_blocks, consts, where):
+        return forward(q_blocks, k_blocks, v_blocks, consts, where)[0]
 
-    def fused_fwd(q_blocks, k_blocks, v_blocks, consts):
-        out, lse = forward(q_blocks, k_blocks, v_blocks, consts)
-        return out, (q_blocks, k_blocks, v_blocks, consts, out, lse)
+    def fused_fwd(q_blocks, k_blocks, v_blocks, consts, where):
+        out, lse = forward(q_blocks, k_blocks, v_blocks, consts, where)
+        return out, (q_blocks, k_blocks, v_blocks, consts, where, out, lse)
 
     fused.defvjp(fused_fwd, backward)
-    out = fused(qg, kb, vb, list(consts))  # [nq, B, Hkv, G, bq, D] float32
+    out = fused(qg, kb, vb, list(consts), (qp, qs, kp, ks, kval))  # [nq, B, Hkv, G, bq, D]
     # -> [B, nq, bq, Hkv, G, D] -> [B, Lq, H, D]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, nq * bq, num_heads, head_dim)[:, :q_len]
     return out

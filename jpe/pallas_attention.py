@@ -924,11 +924,19 @@ def _flash_local(
 
     # ---------------------------------------------------------------------------- the calls
 
+    fixed_specs = [_full_spec(c.shape) for c in fixed]
+
     def consts_of(diff):
         diff2d = [_as_2d(c) for c in diff]
-        return diff2d, [_full_spec(c.shape) for c in diff2d + fixed]
+        return diff2d, [_full_spec(c.shape) for c in diff2d] + fixed_specs
 
-    def forward(q_t, k_t, v_t, diff):
+    # Every array the kernels read is an argument of the custom VJP (`where`), none a closure:
+    # one that closed over the arrays of a jit's trace would fail when the gradient is taken
+    # outside that jit (`jax.grad(jax.jit(f))`).
+    where = (q_table, k_table, rows_in, live, k_lo, k_hi, q_lo, q_hi, fixed)
+
+    def forward(q_t, k_t, v_t, diff, where):
+        q_table, k_table, rows_in, live, k_lo, k_hi, _, _, fixed = where
         diff2d, consts_specs = consts_of(diff)
         out_shape = [
             jax.ShapeDtypeStruct((batch, num_heads, lq, head_dim), out_dtype),
@@ -994,7 +1002,8 @@ def _flash_local(
             n_replicated=n_replicated,
         )(q_t, k_t, v_t, *rows_in, live, k_lo, k_hi, *diff2d, *fixed)
 
-    def backward_kernels(q_t, k_t, v_t, diff, o_t, lse, do_t):
+    def backward_kernels(q_t, k_t, v_t, diff, where, o_t, lse, do_t):
+        q_table, k_table, rows_in, live, k_lo, k_hi, q_lo, q_hi, fixed = where
         delta = jnp.sum(o_t.astype(jnp.float32) * do_t.astype(jnp.float32), -1)  # [B, H, Lq]
         diff2d, consts_specs = consts_of(diff)
         n_replicated = len(diff2d) + len(fixed)
@@ -1144,18 +1153,18 @@ def _flash_local(
         return dq, dk, dv, dparams
 
     @jax.custom_vjp
-    def fused(q_t, k_t, v_t, diff):
-        return forward(q_t, k_t, v_t, diff)[0]
+    def fused(q_t, k_t, v_t, diff, where):
+        return forward(q_t, k_t, v_t, diff, where)[0]
 
-    def fused_fwd(q_t, k_t, v_t, diff):
-        o_t, lse = forward(q_t, k_t, v_t, diff)
-        return o_t, (q_t, k_t, v_t, diff, o_t, lse)
+    def fused_fwd(q_t, k_t, v_t, diff, where):
+        o_t, lse = forward(q_t, k_t, v_t, diff, where)
+        return o_t, (q_t, k_t, v_t, diff, where, o_t, lse)
 
     def fused_bwd(residuals, do_t):
-        q_t, k_t, v_t, diff, o_t, lse = residuals
-        dq, dk, dv, dparams = backward_kernels(q_t, k_t, v_t, diff, o_t, lse, do_t)
-        return dq, dk, dv, list(dparams)
+        q_t, k_t, v_t, diff, where, o_t, lse = residuals
+        dq, dk, dv, dparams = backward_kernels(q_t, k_t, v_t, diff, where, o_t, lse, do_t)
+        return dq, dk, dv, list(dparams), None  # `where` holds integers and masks
 
     fused.defvjp(fused_fwd, fused_bwd)
-    out = fused(qt, kt, vt, list(bias.diff))  # [B, H, Lq_padded, D]
+    out = fused(qt, kt, vt, list(bias.diff), where)  # [B, H, Lq_padded, D]
     return jnp.swapaxes(out[:, :, :q_len], 1, 2)

@@ -234,6 +234,43 @@ def test_query_dependent_bias_and_value_terms():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_gradient_taken_outside_jit_equals_the_one_inside():
+    """`jax.grad(jax.jit(f))`: the custom VJP is linearized after the jit's trace has ended, so
+    it must not read that trace's arrays (positions, segments, the key mask) from a closure.
+    Packed rows, a key mask, several blocks, and all three hook kinds with parameters."""
+    b, length, h, d, kmax = 2, 11, 2, 4, 3
+    q, k, v = _qkv(12, b, length, length, h, h, d)
+    segments = jnp.asarray([[1] * 6 + [2] * 5, [1] * 11])
+    positions = jnp.asarray([list(range(6)) + list(range(5)), list(range(11))])
+    kv_mask = jnp.arange(length)[None] != 3
+    params = {
+        "ka": jax.random.normal(jax.random.PRNGKey(13), (2 * kmax + 1, d)),
+        "va": jax.random.normal(jax.random.PRNGKey(14), (2 * kmax + 1, d)),
+        "slopes": jnp.asarray([0.5, 0.25]),
+    }
+
+    def loss(q, k, v, params):
+        query_bias_fn, value_fn = _shaw_hooks(params["ka"], params["va"], kmax)
+
+        def bias_fn(qp, kp):
+            distance = jnp.abs(qp[:, :, None] - kp[:, None, :]).astype(jnp.float32)
+            return -params["slopes"][None, :, None, None] * distance[:, None]
+
+        out = attention(
+            q, k, v, bias_fn=bias_fn, query_bias_fn=query_bias_fn, value_fn=value_fn,
+            causal=True, q_positions=positions, k_positions=positions,
+            segment_ids=(segments, segments), kv_mask=kv_mask, block_size=4,
+        )  # fmt: skip
+        return jnp.sum(out * jnp.cos(out))
+
+    argnums = (0, 1, 2, 3)
+    outside = jax.grad(jax.jit(loss), argnums=argnums)(q, k, v, params)
+    inside = jax.jit(jax.grad(loss, argnums=argnums))(q, k, v, params)
+    for got, want in zip(jax.tree.leaves(outside), jax.tree.leaves(inside), strict=True):
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_value_term_gradients_match_dense(block_size):
     """The fused path's backward pass with a value term (Shaw et al.'s relative values) and a

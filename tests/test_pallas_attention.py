@@ -108,6 +108,33 @@ def test_matches_xla_forward_and_gradients(pe, causal, layout):
         assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(got[1][3]))
 
 
+def test_gradient_taken_outside_jit_equals_the_one_inside(layout):
+    """`jax.grad(jax.jit(f))` through the kernel: its custom VJP reads the block tables, masks
+    and the bias's integer arrays as arguments, not from the jit's finished trace."""
+    q, k, v, w = _qkv(2)
+    graphdef, state = nnx.split(
+        encoding_class("t5")(
+            TransformerConfig(pe="t5", d_model=H * D, num_heads=H, num_kv_heads=HKV),
+            rngs=nnx.Rngs(0),
+        )
+    )
+    segments = jnp.asarray([[0] * 12 + [1] * 8])
+
+    def loss(q, k, v, state):
+        out = attention(
+            q, k, v, bias_fn=nnx.merge(graphdef, state).bias, causal=True,
+            segment_ids=segments, implementation="pallas", block_size=BLOCK,
+        )  # fmt: skip
+        return jnp.sum(out * w)
+
+    argnums = (0, 1, 2, 3)
+    outside = jax.grad(jax.jit(loss), argnums=argnums)(q, k, v, state)
+    inside = jax.jit(jax.grad(loss, argnums=argnums))(q, k, v, state)
+    for got, want in zip(jax.tree.leaves(outside), jax.tree.leaves(inside), strict=True):
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_packed_rows_gqa_and_rows_without_keys(layout):
     """Three packed segments, positions restarting in each; the last segment's keys are all
     invalid, so its queries have no key: zeros, and finite gradients."""
