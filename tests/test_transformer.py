@@ -111,8 +111,17 @@ def test_capabilities_are_read_off_the_overridden_hooks():
 
 
 def test_imports_have_no_cycle_and_pure_functions_need_no_flax():
+    """Nor does `import jpe` load diffrax (FLOATER's solver, 0.6 s): it is imported by the
+    first solve, which may be inside `jit`, and a later solve outside agrees with it."""
     code = (
         "import sys, jpe.encodings; assert 'flax' not in sys.modules, 'flax loaded'; "
+        "assert 'diffrax' not in sys.modules, 'diffrax loaded'; "
+        "import jax, jax.numpy as jnp; from jpe.encodings import floater as f; "
+        "p, x = f.floater_init(jax.random.key(0), 4, hidden=4), jnp.arange(6); "
+        "kw = dict(delta=0.5, steps_per_delta=1, position_range=(0, 8)); "
+        "a = jax.jit(lambda x: f.floater_encoding(x, p, jnp.zeros(4), **kw))(x); "
+        "assert 'diffrax' in sys.modules; "
+        "assert abs(a - f.floater_encoding(x, p, jnp.zeros(4), **kw)).max() < 1e-6; "
         "import jpe.nn.transformer, jpe.nn.encodings, jpe.nn.config; "
         "assert 'cope' in jpe.ENCODINGS"
     )

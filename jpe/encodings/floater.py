@@ -21,14 +21,18 @@ them all.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+
+if TYPE_CHECKING:
+    import diffrax
 
 from jpe.encodings import _checks
 
@@ -54,30 +58,46 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # ----------------------------------------------------------------------------- the solvers
 
 
-class _RK4(diffrax.AbstractERK):
-    """The classical fourth-order Runge-Kutta method, the paper's solver for translation.
+def _diffrax():
+    """diffrax, imported on the first solve rather than with `jpe`: loading it (with equinox)
+    took 0.6 of the 2.1 s of `python -X importtime -c "import jpe"`, and only FLOATER uses it."""
+    with jax.ensure_compile_time_eval():  # a first import inside `jit` traces no constant
+        import diffrax
 
-    diffrax ships no class by this name, so it is given here by its Butcher tableau. It has no
-    embedded error estimate and is used with constant steps only. Saved values come from
-    diffrax's third-order Hermite interpolation, here evaluated at step ends (up to rounding):
-    every t_i = i * delta is a whole number of steps of delta / steps_per_delta.
-    """
+    return diffrax
 
-    tableau = diffrax.ButcherTableau(
-        c=np.array([0.5, 0.5, 1.0]),
-        b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
-        b_error=np.zeros(4),
-        a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
-    )
-    interpolation_cls = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
 
-    def order(self, terms):
-        del terms
-        return 4
+@functools.cache
+def _rk4() -> type:
+    diffrax = _diffrax()
+
+    class _RK4(diffrax.AbstractERK):
+        """The classical fourth-order Runge-Kutta method, the paper's solver for translation.
+
+        diffrax ships no class by this name, so it is given here by its Butcher tableau. It has no
+        embedded error estimate and is used with constant steps only. Saved values come from
+        diffrax's third-order Hermite interpolation, here evaluated at step ends (up to rounding):
+        every t_i = i * delta is a whole number of steps of delta / steps_per_delta.
+        """
+
+        tableau = diffrax.ButcherTableau(
+            c=np.array([0.5, 0.5, 1.0]),
+            b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+            b_error=np.zeros(4),
+            a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
+        )
+        interpolation_cls = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
+
+        def order(self, terms):
+            del terms
+            return 4
+
+    return _RK4
 
 
 def _solver(name: str) -> diffrax.AbstractSolver:
-    return {"rk4": _RK4, "midpoint": diffrax.Midpoint, "tsit5": diffrax.Tsit5}[name]()
+    diffrax = _diffrax()
+    return {"rk4": _rk4(), "midpoint": diffrax.Midpoint, "tsit5": diffrax.Tsit5}[name]()
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -219,7 +239,9 @@ def _directed(s, y, args):
     return sign * _field(params, sign * s, y)
 
 
-_TERM = diffrax.ODETerm(_directed)
+@functools.cache
+def _term():
+    return _diffrax().ODETerm(_directed)
 
 
 # ----------------------------------------------------------------------------- the solve
@@ -331,6 +353,7 @@ def _trajectory(
         unique = jnp.clip(unique, lowest, highest)
         budget = _step_budget(max(highest, -lowest), steps_per_delta, solver)
 
+    diffrax = _diffrax()
     controller = (
         diffrax.ConstantStepSize()
         if solver in _FIXED_STEP
@@ -340,7 +363,7 @@ def _trajectory(
     def solve(sign: jax.Array, ts: jax.Array) -> jax.Array:
         """The trajectory in direction `sign` at times `ts` (ascending, >= 0): `[U, *S, D]`."""
         solution = diffrax.diffeqsolve(
-            _TERM,
+            _term(),
             _solver(solver),
             t0=jnp.zeros((), dtype),
             t1=ts[-1],
