@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jpe.encodings import _checks
+from jpe.encodings import _checks, relative
 
 __all__ = ["cope_bias", "cope_positions"]
 
@@ -58,12 +58,25 @@ def cope_bias(q, logits, mask, pos_emb) -> jax.Array:
             f"logits must have shape [B, H, Lq={q.shape[1]}, Lk], got {jnp.shape(logits)}"
         )
     npos = pos_emb.shape[0]
-    pos = jnp.minimum(cope_positions(logits, mask), npos - 1)
+    pos = jnp.minimum(cope_positions(logits, mask), npos - 1)  # [B, H, Lq, Lk], >= 0
     # q . e[n] for every integer n: [B, H, Lq, npos]
     at_int = jnp.einsum("bqhd,nd->bhqn", q.astype(jnp.float32), pos_emb.astype(jnp.float32))
+    at_int = jnp.broadcast_to(at_int, pos.shape[:-1] + (npos,))
     lower = jnp.floor(pos)
-    frac = pos - lower
-    lower = lower.astype(jnp.int32)
+    frac = pos - lower  # NaN where a NaN logit reached the count, and so is the term
+    # Clipped: a NaN position casts to an arbitrary integer, which must still index in bounds.
+    lower = jnp.clip(lower.astype(jnp.int32), 0, npos - 1)
     upper = jnp.minimum(lower + 1, npos - 1)
-    take = lambda idx: jnp.take_along_axis(at_int, idx, axis=-1)
+    if at_int.size > relative._FLAT_INDEX_LIMIT:
+        take = lambda idx: jnp.take_along_axis(at_int, idx, axis=-1)
+    else:
+        # One int32 index per element into the flattened table, not a tuple of every axis's
+        # (`take_along_axis`): XLA:CPU's gather and its scatter-add gradient cost less, as
+        # for Shaw (`relative._flat_rows`). `python train/bench.py train --pe none,cope
+        # --rounds 5 --steps 5`, two runs each, alternating with the previous commit (e27df3b):
+        # CoPE's step 507.5 and 509.4 ms before, 377.5 and 479.8 ms after.
+        flat = at_int.reshape(-1)
+        take = lambda idx: (
+            flat.at[relative._flat_rows(idx, npos)].get(mode="promise_in_bounds").reshape(idx.shape)
+        )
     return take(lower) * (1.0 - frac) + take(upper) * frac
