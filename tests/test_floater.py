@@ -222,6 +222,38 @@ def test_gradients_match_central_differences():
         chex.assert_trees_all_close(analytic, numeric, atol=1e-7, rtol=1e-6)
 
 
+def test_reverse_pass_keeps_a_checkpoint_per_step_when_memory_allows(monkeypatch):
+    """Every step's state is kept for the reverse pass while the budget's states fit in
+    `_CHECKPOINT_BYTES` (diffrax's default keeps log(max_steps) and solves steps again); with
+    room for only a few, the gradients are the same, and diffrax is asked for that many."""
+    from jpe.encodings import floater
+
+    assert floater._checkpoints(10_237, 1_536) == 10_237  # the lab's model at max_len 2048
+    assert floater._checkpoints(5_120, 110_592) == (64 << 20) // 110_592  # capped by memory
+    assert floater._checkpoints(100, 1 << 40) == 1
+    asked = []
+    original = diffrax.RecursiveCheckpointAdjoint
+
+    def recording(checkpoints=None):
+        asked.append(checkpoints)
+        return original(checkpoints=checkpoints)
+
+    monkeypatch.setattr(diffrax, "RecursiveCheckpointAdjoint", recording)
+
+    def grads():
+        loss = lambda p, y0: jnp.sum(jnp.sin(floater_encoding(np.arange(16), p, y0, delta=0.1)))
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(PARAMS, INITIAL)
+
+    every_step = grads()
+    monkeypatch.setattr(floater, "_CHECKPOINT_BYTES", 3 * DIM * 4)  # three states
+    few = grads()
+    budget = floater._bucket(floater._step_budget(15, 5, "rk4"), 1024)
+    assert asked == [budget, 3]
+    for got, want in zip(jax.tree.leaves(few), jax.tree.leaves(every_step), strict=True):
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- dynamics, init, biases
 
 

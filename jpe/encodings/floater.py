@@ -50,6 +50,9 @@ _PARAM_KEYS = ("w_in", "b_in", "w_out", "b_out")
 # diffrax's default budget; an adaptive solve gets this on top of the fixed-step count.
 _ADAPTIVE_EXTRA_STEPS = 4096
 
+# Memory for the reverse pass's checkpoints of the ODE state (`_checkpoints`).
+_CHECKPOINT_BYTES = 64 << 20
+
 # h is a pair of small matmuls whose float32 result should not depend on the backend's default
 # (TF32 on recent GPUs, bfloat16 passes on TPU): the error would compound along the trajectory.
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -283,6 +286,16 @@ def _bucket(n: int, minimum: int) -> int:
     return 1 << (max(n, minimum, 1) - 1).bit_length()
 
 
+def _checkpoints(budget: int, state_bytes: int) -> int:
+    """How many states `diffrax.RecursiveCheckpointAdjoint` keeps for the reverse pass: one
+    per step of the budget when they fit in `_CHECKPOINT_BYTES`, so that no step is solved
+    again, else as many as fit. diffrax's default, log(max_steps) checkpoints, recomputes steps
+    O(n log n) times in the reverse pass; its documentation advises as many checkpoints as
+    memory allows. FLOATER's state is small (N * 3 * D floats in a model: 1.5 KiB at the lab's
+    size, 10,237 steps at max_len 2048 and steps_per_delta 5: 15 MiB)."""
+    return max(1, min(budget, _CHECKPOINT_BYTES // max(1, state_bytes)))
+
+
 def _trajectory(
     positions,
     params,
@@ -360,6 +373,9 @@ def _trajectory(
         else diffrax.PIDController(rtol=jnp.asarray(rtol, dtype), atol=jnp.asarray(atol, dtype))
     )
 
+    steps = max_steps or budget
+    checkpoints = _checkpoints(steps, initial.size * initial.dtype.itemsize)
+
     def solve(sign: jax.Array, ts: jax.Array) -> jax.Array:
         """The trajectory in direction `sign` at times `ts` (ascending, >= 0): `[U, *S, D]`."""
         solution = diffrax.diffeqsolve(
@@ -372,8 +388,8 @@ def _trajectory(
             args=(params, sign),
             saveat=diffrax.SaveAt(ts=ts),
             stepsize_controller=controller,
-            adjoint=diffrax.RecursiveCheckpointAdjoint(),
-            max_steps=max_steps or budget,
+            adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints),
+            max_steps=steps,
         )
         return solution.ys
 
