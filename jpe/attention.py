@@ -10,6 +10,9 @@ the output and each row's log-sum-exp, recomputes a block's probabilities from t
 the encoding's bias for its own gradient (`jax.vjp` of `bias_fn` per block, so a T5 table or a
 FIRE MLP trains), and a value term likewise (`value_fn`, linear in the weights: Shaw et al.'s
 relative values). Block pairs that every mask rules out (above the causal diagonal) are skipped.
+The custom VJP takes every array it reads as an argument (positions, segments and the key mask
+included), so a gradient can be taken inside or outside `jax.jit` (`jax.grad(jax.jit(f))`),
+under `jax.checkpoint` and under `jax.vmap`.
 The hook that needs whole rows (`contextual_bias_fn`) takes the same loops differentiated by
 JAX, with a checkpoint per block. A row with no key to
 attend to (a padding query, say) gives zeros rather than NaN, and whatever a masked-out key or

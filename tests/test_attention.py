@@ -269,6 +269,15 @@ def test_gradient_taken_outside_jit_equals_the_one_inside():
     for got, want in zip(jax.tree.leaves(outside), jax.tree.leaves(inside), strict=True):
         assert np.abs(want).max() > 0
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    # The same under jax.checkpoint, and per copy under jax.vmap over a new leading axis of q.
+    remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=argnums))(q, k, v, params)
+    mapped = jax.jit(jax.vmap(jax.grad(loss, argnums=argnums), in_axes=(0, None, None, None)))(
+        jnp.stack([q, q]), k, v, params
+    )
+    for got, want in zip(jax.tree.leaves(remat), jax.tree.leaves(inside), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)  # other fusions: rounding
+    for got, want in zip(jax.tree.leaves(mapped), jax.tree.leaves(inside), strict=True):
+        np.testing.assert_allclose(got[1], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
