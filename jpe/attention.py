@@ -437,6 +437,34 @@ def _unbroadcast(x: jnp.ndarray, shape: tuple) -> jnp.ndarray:
     return x.sum(axis=axes, keepdims=True) if axes else x
 
 
+def _hoisted(fn: Callable, *examples):
+    """`fn` traced once at `examples`, with the arrays it closes over hoisted out:
+    `(call, consts, fixed)` where `call(args, consts, fixed) == fn(*args)`.
+
+    Traced floating arrays (an encoding's parameters, or anything a gradient may flow into)
+    are `consts`; other traced arrays (integer or boolean, built under the same `jit`) are
+    `fixed`; concrete constants stay closed over. `jax.closure_convert` hoists only the
+    first kind, so a hook that closed over an integer array of a `jit`'s trace left it in the
+    custom VJP's closure, and `jax.grad(jax.jit(f))` failed."""
+    closed = jax.make_jaxpr(fn)(*examples)
+    values = list(closed.consts)
+    traced = [i for i, c in enumerate(values) if isinstance(c, jax.core.Tracer)]
+    floating = [i for i in traced if jnp.issubdtype(values[i].dtype, jnp.inexact)]
+    others = [i for i in traced if i not in floating]
+    kept = [None if i in traced else c for i, c in enumerate(values)]
+
+    def call(args, consts, fixed):
+        env = list(kept)
+        for i, c in zip(floating, consts, strict=True):
+            env[i] = c
+        for i, c in zip(others, fixed, strict=True):
+            env[i] = c
+        (out,) = jax.core.eval_jaxpr(closed.jaxpr, env, *args)
+        return out
+
+    return call, [values[i] for i in floating], [values[i] for i in others]
+
+
 def _flash_xla(
     q, k, v, bias_fn, query_bias_fn, value_fn, causal, q_positions, k_positions, q_seg, k_seg,
     kv_valid, bq, bk, scale,
@@ -473,8 +501,10 @@ def _flash_xla(
             mask = mask & (kp[:, None, :] <= qp[:, :, None])
         return mask[:, None, None]
 
-    # The bias as a function of explicit arrays: an encoding's parameters, closed over by its
-    # hook, become arguments, so that the backward pass can return their gradients.
+    # The bias as a function of explicit arrays: what its hook closes over becomes arguments,
+    # an encoding's parameters (`consts`) so that the backward pass can return their gradients,
+    # and any integer or boolean array the same jit built (`fixed`) so that the custom VJP
+    # closes over nothing of that trace (`_hoisted`).
     def total_bias(qb, qp, kp):
         out = None
         for bias in (
@@ -490,18 +520,19 @@ def _flash_xla(
     has_bias = bias_fn is not None or query_bias_fn is not None
     if has_bias:
         qb0 = jax.ShapeDtypeStruct((batch, bq, num_heads, head_dim), q.dtype)
-        bias_closed, consts = jax.closure_convert(total_bias, qb0, qp[0], kp[0])
+        bias_closed, consts, fixed = _hoisted(total_bias, qb0, qp[0], kp[0])
     else:
-        bias_closed, consts = None, []
-    n_bias = len(consts)  # consts[:n_bias] are the bias's, the rest the value term's
+        bias_closed, consts, fixed = None, [], []
+    # consts[:n_bias] and fixed[:n_fixed] are the bias's, the rest the value term's
+    n_bias, n_fixed = len(consts), len(fixed)
     if value_fn is not None:
         p0 = jax.ShapeDtypeStruct((batch, num_heads, bq, bk), jnp.float32)
-        value_closed, value_consts = jax.closure_convert(value_fn, p0, qp[0], kp[0])
-        consts = [*consts, *value_consts]
+        value_closed, value_consts, value_fixed = _hoisted(value_fn, p0, qp[0], kp[0])
+        consts, fixed = [*consts, *value_consts], [*fixed, *value_fixed]
 
-        def value_of(consts, p, qp, kp):  # [B, Hkv, G, bq, bk] -> [B, Hkv, G, bq, D] float32
+        def value_of(consts, fixed, p, qp, kp):  # [B, Hkv, G, bq, bk] -> [B, Hkv, G, bq, D]
             weights = p.reshape(batch, num_heads, bq, bk)
-            out = value_closed(weights, qp, kp, *consts[n_bias:])
+            out = value_closed((weights, qp, kp), consts[n_bias:], fixed[n_fixed:])
             if out.shape != (batch, bq, num_heads, head_dim):
                 raise ValueError(
                     f"value_fn must return [B, bq, H, D] = {(batch, bq, num_heads, head_dim)}; "
@@ -510,7 +541,7 @@ def _flash_xla(
             out = out.astype(jnp.float32).reshape(batch, bq, kv_heads, groups, head_dim)
             return jnp.moveaxis(out, 1, 3)
 
-    def bias_of(consts, qg_block, qp, kp):  # -> [B or 1, Hkv or 1, G or 1, bq, bk] float32
+    def bias_of(consts, fixed, qg_block, qp, kp):  # -> [B or 1, Hkv or 1, G or 1, bq, bk]
         qb = None
         if query_bias_fn is not None:  # [B, Hkv, G, bq, D] -> [B, bq, H, D], unscaled
             qb = jnp.moveaxis(qg_block, 3, 1).reshape(batch, bq, num_heads, head_dim) / scale
@@ -518,7 +549,7 @@ def _flash_xla(
             qb = jnp.zeros((batch, bq, num_heads, head_dim), q.dtype)  # unread
         # Built once per block, not fused into the consumers of `[B, H, bq, bk]`: XLA would
         # redo a shared `[1, H, bq, bk]` bias (logs, buckets) for every batch row, in both passes.
-        bias = materialized(bias_closed(qb, qp, kp, *consts[:n_bias]))
+        bias = materialized(bias_closed((qb, qp, kp), consts[:n_bias], fixed[:n_fixed]))
         if bias.ndim != 4 or bias.shape[-2:] != (bq, bk) or bias.shape[1] not in (1, num_heads):
             raise ValueError(
                 f"bias_fn must return [B or 1, H or 1, bq, bk] or [H or 1, bq, bk] with "
@@ -528,13 +559,13 @@ def _flash_xla(
             return bias[:, :, None]
         return bias.reshape(bias.shape[0], kv_heads, groups, bq, bk)
 
-    def logits(consts, qg_block, kb_block, qp, kp, mask):
+    def logits(consts, fixed, qg_block, kb_block, qp, kp, mask):
         s = jnp.einsum("bhgqd,bhkd->bhgqk", qg_block, kb_block, preferred_element_type=jnp.float32)
         if has_bias:
-            s = s + bias_of(consts, qg_block, qp, kp)
+            s = s + bias_of(consts, fixed, qg_block, qp, kp)
         return jnp.where(mask, s, _MASKED)
 
-    def forward_row(consts, k_blocks, v_blocks, qg_i, qp_i, qs_i, kp, ks, kval):  # all keys
+    def forward_row(consts, fixed, k_blocks, v_blocks, qg_i, qp_i, qs_i, kp, ks, kval):
         def step(carry, kv):
             m, denom, acc = carry
             kb_j, vb_j, kp_j, ks_j, kval_j = kv
@@ -542,7 +573,7 @@ def _flash_xla(
 
             def visit(carry):
                 m, denom, acc = carry
-                s = logits(consts, qg_i, kb_j, qp_i, kp_j, mask)
+                s = logits(consts, fixed, qg_i, kb_j, qp_i, kp_j, mask)
                 m_new = jnp.maximum(m, s.max(axis=-1))
                 p = jnp.exp(s - m_new[..., None])  # masked: exp(_MASKED - m_new) == 0
                 correction = jnp.exp(m - m_new)
@@ -551,7 +582,7 @@ def _flash_xla(
                     preferred_element_type=jnp.float32,
                 )  # fmt: skip
                 if value_fn is not None:
-                    pv = pv + value_of(consts, p, qp_i, kp_j)
+                    pv = pv + value_of(consts, fixed, p, qp_i, kp_j)
                 return (
                     m_new,
                     denom * correction + p.sum(axis=-1),
@@ -581,25 +612,25 @@ def _flash_xla(
         return out, lse
 
     def forward(q_blocks, k_blocks, v_blocks, consts, where):
-        qp, qs, kp, ks, kval = where
+        qp, qs, kp, ks, kval, fixed = where
         if nq == 1:
             out, lse = forward_row(
-                consts, k_blocks, v_blocks, q_blocks[0], qp[0], qs[0], kp, ks, kval
+                consts, fixed, k_blocks, v_blocks, q_blocks[0], qp[0], qs[0], kp, ks, kval
             )
             return out[None], lse[None]
         return jax.lax.map(
-            lambda xs: forward_row(consts, k_blocks, v_blocks, *xs, kp, ks, kval),
+            lambda xs: forward_row(consts, fixed, k_blocks, v_blocks, *xs, kp, ks, kval),
             (q_blocks, qp, qs),
         )
 
-    def pair_grads(consts, qg_i, qp_i, qs_i, do_i, lse_i, delta_i, kb_j, vb_j, kp_j, ks_j,
+    def pair_grads(consts, fixed, qg_i, qp_i, qs_i, do_i, lse_i, delta_i, kb_j, vb_j, kp_j, ks_j,
                    kval_j):  # fmt: skip
         """Gradients from one (query block, key block) pair: dq_i, dk_j, dv_j, dconsts."""
         mask = mask_of(qp_i, qs_i, kp_j, ks_j, kval_j)
         s = jnp.einsum("bhgqd,bhkd->bhgqk", qg_i, kb_j, preferred_element_type=jnp.float32)
         bias_vjp = None
         if has_bias:
-            bias, bias_vjp = jax.vjp(lambda c, g: bias_of(c, g, qp_i, kp_j), consts, qg_i)
+            bias, bias_vjp = jax.vjp(lambda c, g: bias_of(c, fixed, g, qp_i, kp_j), consts, qg_i)
             s = s + bias
         # lse >= _FLOOR (0 for a row with no key), so a masked logit gives exactly 0.
         p = jnp.exp(jnp.where(mask, s, _MASKED) - lse_i[..., None])  # [B, Hkv, G, bq, bk]
@@ -610,7 +641,7 @@ def _flash_xla(
         dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_i, vb_j, preferred_element_type=jnp.float32)
         dconsts_value = None
         if value_fn is not None:
-            _, value_vjp = jax.vjp(lambda c, w: value_of(c, w, qp_i, kp_j), consts, p)
+            _, value_vjp = jax.vjp(lambda c, w: value_of(c, fixed, w, qp_i, kp_j), consts, p)
             dconsts_value, dp_value = value_vjp(do_i.astype(jnp.float32))
             dp = dp + dp_value
         ds = p * (dp - delta_i[..., None])
@@ -631,13 +662,13 @@ def _flash_xla(
 
     def backward(res, do):
         q_blocks, k_blocks, v_blocks, consts, where, out, lse = res
-        qp, qs, kp, ks, kval = where
+        qp, qs, kp, ks, kval, fixed = where
         do = do.astype(jnp.float32)
         delta = (do * out).sum(axis=-1)  # [nq, B, Hkv, G, bq]
         do = do.astype(q_blocks.dtype)
         if nq == 1 and nk == 1:
             dq, dk, dv, dconsts = pair_grads(
-                consts, q_blocks[0], qp[0], qs[0], do[0], lse[0], delta[0],
+                consts, fixed, q_blocks[0], qp[0], qs[0], do[0], lse[0], delta[0],
                 k_blocks[0], v_blocks[0], kp[0], ks[0], kval[0],
             )  # fmt: skip
             dq, dk, dv = dq[None], dk[None], dv[None]
@@ -655,7 +686,7 @@ def _flash_xla(
 
                     def visit(_):
                         return pair_grads(
-                            consts, qg_i, qp_i, qs_i, do_i, lse_i, delta_i,
+                            consts, fixed, qg_i, qp_i, qs_i, do_i, lse_i, delta_i,
                             kb_j, vb_j, kp_j, ks_j, kval_j,
                         )  # fmt: skip
 
@@ -688,11 +719,12 @@ def _flash_xla(
             dk.astype(k_blocks.dtype),
             dv.astype(v_blocks.dtype),
             [d.astype(c.dtype) for d, c in zip(dconsts, consts, strict=True)],
-            None,  # positions, segments and the key mask: integers and booleans
+            None,  # positions, segments, the key mask and `fixed`: integers and booleans
         )
 
-    # Every array the passes read is an argument (`where`: the blocked positions, segments
-    # and key mask), none a closure: a custom VJP that closed over the arrays of a jit's trace
+    # Every array the passes read is an argument (`where`: the blocked positions, segments,
+    # key mask and the hooks' `fixed` arrays), none a closure: a custom VJP that closed over the
+    # arrays of a jit's trace
     # would fail when the gradient is taken outside that jit (`jax.grad(jax.jit(f))`).
     @jax.custom_vjp
     def fused(q_blocks, k_blocks, v_blocks, consts, where):
@@ -703,7 +735,7 @@ def _flash_xla(
         return out, (q_blocks, k_blocks, v_blocks, consts, where, out, lse)
 
     fused.defvjp(fused_fwd, backward)
-    out = fused(qg, kb, vb, list(consts), (qp, qs, kp, ks, kval))  # [nq, B, Hkv, G, bq, D]
+    out = fused(qg, kb, vb, list(consts), (qp, qs, kp, ks, kval, list(fixed)))
     # -> [B, nq, bq, Hkv, G, D] -> [B, Lq, H, D]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, nq * bq, num_heads, head_dim)[:, :q_len]
     return out

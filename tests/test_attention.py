@@ -236,8 +236,9 @@ def test_query_dependent_bias_and_value_terms():
 
 def test_gradient_taken_outside_jit_equals_the_one_inside():
     """`jax.grad(jax.jit(f))`: the custom VJP is linearized after the jit's trace has ended, so
-    it must not read that trace's arrays (positions, segments, the key mask) from a closure.
-    Packed rows, a key mask, several blocks, and all three hook kinds with parameters."""
+    it must not read that trace's arrays (positions, segments, the key mask, integer arrays the
+    hooks close over) from a closure. Packed rows, a key mask, several blocks, and all three
+    hook kinds with parameters."""
     b, length, h, d, kmax = 2, 11, 2, 4, 3
     q, k, v = _qkv(12, b, length, length, h, h, d)
     segments = jnp.asarray([[1] * 6 + [2] * 5, [1] * 11])
@@ -250,11 +251,17 @@ def test_gradient_taken_outside_jit_equals_the_one_inside():
     }
 
     def loss(q, k, v, params):
-        query_bias_fn, value_fn = _shaw_hooks(params["ka"], params["va"], kmax)
+        query_bias_fn, shaw_value_fn = _shaw_hooks(params["ka"], params["va"], kmax)
+        # Integer arrays built under the jit, which the hooks close over: hoisted out as well.
+        per_head = jnp.arange(1, h + 1)  # [H]: 1, 2
+        shift = jnp.arange(length)[None] % 3  # [1, L]
 
         def bias_fn(qp, kp):
-            distance = jnp.abs(qp[:, :, None] - kp[:, None, :]).astype(jnp.float32)
-            return -params["slopes"][None, :, None, None] * distance[:, None]
+            distance = jnp.abs(qp[:, :, None] - kp[:, None, :] + shift[:, :1, None])
+            return -params["slopes"][None, :, None, None] * distance[:, None].astype(jnp.float32)
+
+        def value_fn(w, qp, kp):
+            return shaw_value_fn(w, qp, kp) * per_head[None, None, :, None]
 
         out = attention(
             q, k, v, bias_fn=bias_fn, query_bias_fn=query_bias_fn, value_fn=value_fn,
@@ -269,9 +276,10 @@ def test_gradient_taken_outside_jit_equals_the_one_inside():
     for got, want in zip(jax.tree.leaves(outside), jax.tree.leaves(inside), strict=True):
         assert np.abs(want).max() > 0
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
-    # The same under jax.checkpoint, and per copy under jax.vmap over a new leading axis of q.
-    remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=argnums))(q, k, v, params)
-    mapped = jax.jit(jax.vmap(jax.grad(loss, argnums=argnums), in_axes=(0, None, None, None)))(
+    # The same outside jit under jax.checkpoint, and per copy under jax.vmap over a new leading
+    # axis of q.
+    remat = jax.grad(jax.jit(jax.checkpoint(loss)), argnums=argnums)(q, k, v, params)
+    mapped = jax.vmap(jax.grad(jax.jit(loss), argnums=argnums), in_axes=(0, None, None, None))(
         jnp.stack([q, q]), k, v, params
     )
     for got, want in zip(jax.tree.leaves(remat), jax.tree.leaves(inside), strict=True):

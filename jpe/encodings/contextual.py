@@ -61,7 +61,9 @@ def cope_bias(q, logits, mask, pos_emb) -> jax.Array:
     pos = jnp.minimum(cope_positions(logits, mask), npos - 1)  # [B, H, Lq, Lk], >= 0
     # q . e[n] for every integer n: [B, H, Lq, npos]
     at_int = jnp.einsum("bqhd,nd->bhqn", q.astype(jnp.float32), pos_emb.astype(jnp.float32))
-    at_int = jnp.broadcast_to(at_int, pos.shape[:-1] + (npos,))
+    lead = jnp.broadcast_shapes(at_int.shape[:-1], pos.shape[:-1])
+    at_int = jnp.broadcast_to(at_int, lead + (npos,))
+    pos = jnp.broadcast_to(pos, lead + pos.shape[-1:])
     lower = jnp.floor(pos)
     frac = pos - lower  # NaN where a NaN logit reached the count, and so is the term
     # Clipped: a NaN position casts to an arbitrary integer, which must still index in bounds.

@@ -50,9 +50,6 @@ _PARAM_KEYS = ("w_in", "b_in", "w_out", "b_out")
 # diffrax's default budget; an adaptive solve gets this on top of the fixed-step count.
 _ADAPTIVE_EXTRA_STEPS = 4096
 
-# Memory for the reverse pass's checkpoints of the ODE state (`_checkpoints`).
-_CHECKPOINT_BYTES = 64 << 20
-
 # h is a pair of small matmuls whose float32 result should not depend on the backend's default
 # (TF32 on recent GPUs, bfloat16 passes on TPU): the error would compound along the trajectory.
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -286,16 +283,6 @@ def _bucket(n: int, minimum: int) -> int:
     return 1 << (max(n, minimum, 1) - 1).bit_length()
 
 
-def _checkpoints(budget: int, state_bytes: int) -> int:
-    """How many states `diffrax.RecursiveCheckpointAdjoint` keeps for the reverse pass: one
-    per step of the budget when they fit in `_CHECKPOINT_BYTES`, so that no step is solved
-    again, else as many as fit. diffrax's default, log(max_steps) checkpoints, recomputes steps
-    O(n log n) times in the reverse pass; its documentation advises as many checkpoints as
-    memory allows. FLOATER's state is small (N * 3 * D floats in a model: 1.5 KiB at the lab's
-    size, 10,237 steps at max_len 2048 and steps_per_delta 5: 15 MiB)."""
-    return max(1, min(budget, _CHECKPOINT_BYTES // max(1, state_bytes)))
-
-
 def _trajectory(
     positions,
     params,
@@ -374,7 +361,6 @@ def _trajectory(
     )
 
     steps = max_steps or budget
-    checkpoints = _checkpoints(steps, initial.size * initial.dtype.itemsize)
 
     def solve(sign: jax.Array, ts: jax.Array) -> jax.Array:
         """The trajectory in direction `sign` at times `ts` (ascending, >= 0): `[U, *S, D]`."""
@@ -388,7 +374,10 @@ def _trajectory(
             args=(params, sign),
             saveat=diffrax.SaveAt(ts=ts),
             stepsize_controller=controller,
-            adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints),
+            # A checkpoint per step of the budget: nothing is solved again in the reverse pass.
+            # With fewer (diffrax's default among them) the gradient came out wrong for some
+            # step counts (`tests/test_floater.py`, central differences over 75 RK4 steps).
+            adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=steps),
             max_steps=steps,
         )
         return solution.ys
@@ -449,10 +438,14 @@ def floater_encoding(
     No position ever silently gets the value of another.
 
     Gradients: reverse mode through `diffrax.RecursiveCheckpointAdjoint`, i.e. exact
-    backpropagation through the solver's own steps with binomial checkpointing, so the
-    gradient is that of the computed encodings (what the loss saw). `BacksolveAdjoint` (the
-    continuous adjoint of the paper's translation runs) would re-integrate the ReLU dynamics
-    backward in time and give an approximate gradient whose error grows with the span.
+    backpropagation through the solver's own steps, so the gradient is that of the computed
+    encodings (what the loss saw). It keeps the state of every step of the budget (`max_steps`
+    x the size of `initial`, in float32: 15 MiB for N * 3 * D = 384 floats and 10,237 steps,
+    the lab's model at max_len 2048; 1.05 GiB for N = 12, D = 768), since with fewer
+    checkpoints, diffrax's default among them, the gradient was wrong for some step counts.
+    `BacksolveAdjoint` (the continuous adjoint of the paper's translation runs) would
+    re-integrate the ReLU dynamics backward in time and give an approximate gradient whose
+    error grows with the span.
     Forward mode (`jax.jvp`) is not supported.
 
     Example:

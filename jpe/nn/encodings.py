@@ -543,8 +543,7 @@ class CoPE(Encoding):
 
 
 def _floater():
-    """`jpe.encodings.floater`, imported on first use: it loads diffrax, which no other
-    encoding needs."""
+    """`jpe.encodings.floater` (it imports diffrax only when it first solves)."""
     from jpe.encodings import floater
 
     return floater
