@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from grad_check import assert_grad_outside_jit_equals_inside
 
 from jpe.attention import attention
 
@@ -271,11 +272,7 @@ def test_gradient_taken_outside_jit_equals_the_one_inside():
         return jnp.sum(out * jnp.cos(out))
 
     argnums = (0, 1, 2, 3)
-    outside = jax.grad(jax.jit(loss), argnums=argnums)(q, k, v, params)
-    inside = jax.jit(jax.grad(loss, argnums=argnums))(q, k, v, params)
-    for got, want in zip(jax.tree.leaves(outside), jax.tree.leaves(inside), strict=True):
-        assert np.abs(want).max() > 0
-        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    inside = assert_grad_outside_jit_equals_inside(loss, (q, k, v, params), argnums)
     # The same outside jit under jax.checkpoint, and per copy under jax.vmap over a new leading
     # axis of q.
     remat = jax.grad(jax.jit(jax.checkpoint(loss)), argnums=argnums)(q, k, v, params)

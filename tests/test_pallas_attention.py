@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from grad_check import assert_grad_outside_jit_equals_inside
 
 import jpe
 from jpe import pallas_attention
@@ -128,11 +129,7 @@ def test_gradient_taken_outside_jit_equals_the_one_inside(layout):
         return jnp.sum(out * w)
 
     argnums = (0, 1, 2, 3)
-    outside = jax.grad(jax.jit(loss), argnums=argnums)(q, k, v, state)
-    inside = jax.jit(jax.grad(loss, argnums=argnums))(q, k, v, state)
-    for got, want in zip(jax.tree.leaves(outside), jax.tree.leaves(inside), strict=True):
-        assert np.abs(want).max() > 0
-        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    assert_grad_outside_jit_equals_inside(loss, (q, k, v, state), argnums)
 
 
 def test_packed_rows_gqa_and_rows_without_keys(layout):
