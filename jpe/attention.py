@@ -724,8 +724,8 @@ def _flash_xla(
 
     # Every array the passes read is an argument (`where`: the blocked positions, segments,
     # key mask and the hooks' `fixed` arrays), none a closure: a custom VJP that closed over the
-    # arrays of a jit's trace
-    # would fail when the gradient is taken outside that jit (`jax.grad(jax.jit(f))`).
+    # arrays of a jit's trace would fail when the gradient is taken outside that jit
+    # (`jax.grad(jax.jit(f))`).
     @jax.custom_vjp
     def fused(q_blocks, k_blocks, v_blocks, consts, where):
         return forward(q_blocks, k_blocks, v_blocks, consts, where)[0]
