@@ -376,7 +376,10 @@ def _trajectory(
             stepsize_controller=controller,
             # A checkpoint per step of the budget: nothing is solved again in the reverse pass.
             # With fewer (diffrax's default among them) the gradient came out wrong for some
-            # step counts (`tests/test_floater.py`, central differences over 75 RK4 steps).
+            # step counts (`tests/test_floater.py`, central differences over 75 RK4 steps):
+            # in diffrax 0.7.2 with equinox 0.13.8 that happens, for some checkpoint counts,
+            # when save times fall on step ends, as FLOATER's do (a plain ODE with 11 midpoint
+            # steps saved at each end: wrong with 5 or 7 checkpoints, right with the others).
             adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=steps),
             max_steps=steps,
         )
@@ -442,7 +445,8 @@ def floater_encoding(
     encodings (what the loss saw). It keeps the state of every step of the budget (`max_steps`
     x the size of `initial`, in float32: 15 MiB for N * 3 * D = 384 floats and 10,237 steps,
     the lab's model at max_len 2048; 1.05 GiB for N = 12, D = 768), since with fewer
-    checkpoints, diffrax's default among them, the gradient was wrong for some step counts.
+    checkpoints, diffrax's default among them, the gradient was wrong for some step counts
+    (diffrax 0.7.2, equinox 0.13.8, with save times on step ends, which FLOATER's are).
     `BacksolveAdjoint` (the continuous adjoint of the paper's translation runs) would
     re-integrate the ReLU dynamics backward in time and give an approximate gradient whose
     error grows with the span.
