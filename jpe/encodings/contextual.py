@@ -69,16 +69,10 @@ def cope_bias(q, logits, mask, pos_emb) -> jax.Array:
     # Clipped: a NaN position casts to an arbitrary integer, which must still index in bounds.
     lower = jnp.clip(lower.astype(jnp.int32), 0, npos - 1)
     upper = jnp.minimum(lower + 1, npos - 1)
-    if at_int.size > relative._FLAT_INDEX_LIMIT:
-        take = lambda idx: jnp.take_along_axis(at_int, idx, axis=-1)
-    else:
-        # One int32 index per element into the flattened table, not a tuple of every axis's
-        # (`take_along_axis`): XLA:CPU's gather and its scatter-add gradient cost less, as
-        # for Shaw (`relative._flat_rows`). `python train/bench.py train --pe none,cope
-        # --rounds 5 --steps 5`, two runs each, alternating with the previous commit (e27df3b):
-        # CoPE's step 507.5 and 509.4 ms before, 377.5 and 479.8 ms after.
-        flat = at_int.reshape(-1)
-        take = lambda idx: (
-            flat.at[relative._flat_rows(idx, npos)].get(mode="promise_in_bounds").reshape(idx.shape)
-        )
+    # One int32 index per element into the flattened table, not a tuple of every axis's
+    # (`take_along_axis`): XLA:CPU's gather and its scatter-add gradient cost less, as for
+    # Shaw (`relative._take_along_last`). `python train/bench.py train --pe none,cope
+    # --rounds 5 --steps 5`, two runs each, alternating with the previous commit (e27df3b):
+    # CoPE's step 507.5 and 509.4 ms before, 377.5 and 479.8 ms after.
+    take = lambda idx: relative._take_along_last(at_int, idx)
     return take(lower) * (1.0 - frac) + take(upper) * frac

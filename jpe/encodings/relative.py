@@ -673,6 +673,16 @@ def _flat_rows(index: jax.Array, rows: int) -> jax.Array:
     return (base + index).reshape(-1)
 
 
+def _take_along_last(table: jax.Array, index: jax.Array) -> jax.Array:
+    """`jnp.take_along_axis(table, index, axis=-1)` for `index` in [0, table.shape[-1]) with
+    `table`'s leading shape, by one int32 index per element into the flattened table
+    (`_flat_rows`) while that fits int32. In bounds by the caller's construction."""
+    if table.size > _FLAT_INDEX_LIMIT:
+        return jnp.take_along_axis(table, index, axis=-1)
+    flat = _flat_rows(index, table.shape[-1])
+    return table.reshape(-1).at[flat].get(mode="promise_in_bounds").reshape(index.shape)
+
+
 def _batch_shares(index: jax.Array, rows: int) -> bool:
     """Whether `index` `[..., Lq, Lk]` serves the whole batch (its batch axes are all 1) and
     its `[Lq * rows, N]` rows fit an int32 index: then `_shared_rows` applies."""
@@ -753,11 +763,8 @@ def shaw_logits(
     per_row = jnp.einsum("...ihd,rd->...hir", q, table, precision=_HIGHEST)  # [..., H, Lq, 2K+1]
     per_row = jnp.broadcast_to(per_row, batch + (heads, lq, rows))
     index = jnp.broadcast_to(index[..., None, :, :], batch + (heads, lq, lk))
-    if per_row.size > _FLAT_INDEX_LIMIT:
-        return jnp.take_along_axis(per_row, index, axis=-1)
     # In bounds by construction: every index lies in [0, 2K] (`shaw_relative_index`).
-    flat = _flat_rows(index, rows)
-    return per_row.reshape(-1).at[flat].get(mode="promise_in_bounds").reshape(index.shape)
+    return _take_along_last(per_row, index)
 
 
 def shaw_values(
