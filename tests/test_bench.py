@@ -1,6 +1,8 @@
 """`train/bench.py kernels`: the table's rows, its FLOP count and its refusals (tiny shapes;
 the figures themselves are measured by the command, never by tests)."""
 
+import tempfile
+
 import pytest
 
 from train import bench
@@ -90,6 +92,18 @@ def test_profile_prints_the_steps_ops_by_time(capsys, tmp_path):
     by_instruction = lines[lines.index("by HLO instruction (top 3)") + 2 :]
     assert len(by_instruction) == 3
     assert all(float(line.split()[0]) > 0 for line in by_instruction)
+
+
+def test_profile_without_a_trace_dir_leaves_no_trace(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    bench.main(
+        ["profile", "--pe", "none", "--steps", "1", "--top", "1", "--d-model", "16",
+         "--num-layers", "1", "--num-heads", "2", "--seq-len", "8", "--batch-size", "2"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "train step profile, pe none" in out and "trace in" not in out
+    assert not list(tmp_path.glob("jpe-profile-*"))
 
 
 def test_profile_refuses_an_unknown_encoding():

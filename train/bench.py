@@ -28,7 +28,8 @@ with `jax.profiler` and prints where its time goes: milliseconds per step and sh
 ops' time summed over the runtime's threads, by JAX primitive (`dot_general`, and
 `dot_general (backward)` for the cotangent side) and by HLO instruction of the compiled
 step, with shapes, and the FLOP of a step by XLA's cost analysis. The trace stays in
-`--trace-dir` for TensorBoard or xprof. The profiler
+`--trace-dir` for TensorBoard or xprof (without it, in a temporary folder removed at the
+end). The profiler
 slows the step, so take shares from it, and times from `train`.
 
     python train/bench.py kernels [--pe none,rope,alibi,t5,kerple,fire] [--lengths 1024,4096,16384]
@@ -351,6 +352,7 @@ def op_times(xspace_file: str, instructions: dict) -> tuple[dict[str, float], di
 
 
 def profile(args) -> None:
+    import contextlib
     import glob
     import tempfile
 
@@ -376,17 +378,21 @@ def profile(args) -> None:
     for i in range(3):  # warm up
         carry[0], carry[1], loss = compiled(*carry, batch, np.int32(i))
     loss.block_until_ready()
-    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="jpe-profile-")
-    with jax.profiler.trace(trace_dir):
-        start = time.perf_counter()
-        for i in range(args.steps):
-            carry[0], carry[1], loss = compiled(*carry, batch, np.int32(i))
-        loss.block_until_ready()
-        wall = (time.perf_counter() - start) / args.steps
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
-    if not files:
-        raise SystemExit(f"error: jax.profiler wrote no trace under {trace_dir}")
-    seconds, counts = op_times(files[-1], instructions)
+    # Without --trace-dir the trace (tens of MB) goes to a temporary folder, removed once read.
+    with contextlib.ExitStack() as stack:
+        trace_dir = args.trace_dir or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="jpe-profile-")
+        )
+        with jax.profiler.trace(trace_dir):
+            start = time.perf_counter()
+            for i in range(args.steps):
+                carry[0], carry[1], loss = compiled(*carry, batch, np.int32(i))
+            loss.block_until_ready()
+            wall = (time.perf_counter() - start) / args.steps
+        files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+        if not files:
+            raise SystemExit(f"error: jax.profiler wrote no trace under {trace_dir}")
+        seconds, counts = op_times(files[-1], instructions)
     total = sum(seconds.values())
     if not total:
         raise SystemExit("error: the trace holds no event of the step's HLO instructions")
@@ -395,7 +401,7 @@ def profile(args) -> None:
         f"train step profile, pe {args.pe}: batch {args.batch_size} x length {args.seq_len}, "
         f"d_model {args.d_model}, {args.num_layers} layers, {args.num_heads} heads; "
         f"{args.steps} traced steps; {os.cpu_count()} CPU cores; jax {jax.__version__} on "
-        f"{_backend()}; trace in {trace_dir}"
+        f"{_backend()}" + (f"; trace in {args.trace_dir}" if args.trace_dir else "")
     )
     print(
         f"wall {1e3 * wall:.1f} ms/step under the profiler; ops {per_step(total):.1f} ms/step "
