@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jpe.encodings import _checks, absolute, contextual, relative, rope_scaling, rotary
+from jpe.encodings import _checks, absolute, contextual, floater, relative, rope_scaling, rotary
 from jpe.nn.registry import Encoding, Options, freeze, register
 
 __all__ = [
@@ -542,13 +542,6 @@ class CoPE(Encoding):
 # ---------------------------------------------------------------------------------------------
 
 
-def _floater():
-    """`jpe.encodings.floater` (it imports diffrax only when it first solves)."""
-    from jpe.encodings import floater
-
-    return floater
-
-
 @register("floater")
 class Floater(Encoding):
     """FLOATER (Liu, Yu, Dhillon and Hsieh, ICML 2020, arXiv 2003.09229): positions read off the
@@ -631,7 +624,7 @@ class Floater(Encoding):
     def __init__(self, config, *, rngs):
         super().__init__(config, rngs=rngs)
         o, width = self.options, self.width(config)
-        params = _floater().floater_init(
+        params = floater.floater_init(
             rngs.params(), width, hidden=o.hidden, zero_output=o.init_scale == 0
         )
         params["w_out"] = params["w_out"] * o.init_scale
@@ -655,7 +648,7 @@ class Floater(Encoding):
         if self.options.variant != "every-block":
             return None
         params = {k: v[...] for k, v in self.dynamics.items()}
-        return _floater().floater_qkv_bias(
+        return floater.floater_qkv_bias(
             positions, params, self.initial[...], **self._solve_kwargs()
         )
 
@@ -663,7 +656,7 @@ class Floater(Encoding):
         if self.options.variant != "input-only":
             return x
         params = {k: v[...] for k, v in self.dynamics.items()}
-        table = _floater().floater_encoding(
+        table = floater.floater_encoding(
             positions, params, self.initial[...], **self._solve_kwargs()
         )
         return x + table.astype(x.dtype)
